@@ -1,0 +1,91 @@
+"""Shared test setup: offline Hugging Face, ``src/`` importable, small data fixtures.
+
+Fixtures for any test: ``tiny_tokenizer_dir`` / ``tiny_tokenizer`` (the bundled sample
+tokenizer), ``sample_rows`` (rows of the bundled task), ``sample_parquet`` (a factory that
+writes rows to a parquet file under ``tmp_path``), ``data_cache_dir`` (a per-test Arrow cache
+directory) and ``subprocess_env`` (environment for child processes that import chatlm).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+ROOT = Path(__file__).resolve().parents[1]
+SRC = ROOT / "src"
+if str(SRC) not in sys.path:  # works without `pip install -e .`
+    sys.path.insert(0, str(SRC))
+
+
+def write_parquet(path: str | os.PathLike, rows: Sequence[dict], schema=None) -> str:
+    """Write a list of row dicts to ``path`` as parquet and return the path."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pylist(list(rows), schema=schema)
+    pq.write_table(table, str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_arrow_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Converted Arrow files of every test go to a temporary directory, never ~/.cache."""
+    if "CHATLM_CACHE_DIR" not in os.environ:
+        os.environ["CHATLM_CACHE_DIR"] = str(tmp_path_factory.mktemp("chatlm-cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir() -> str:
+    """Directory of the bundled sample tokenizer ([PAD]=0, [EOS]=1, vocab 768)."""
+    from chatlm.data.sample import sample_tokenizer_dir
+
+    return sample_tokenizer_dir()
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_tokenizer_dir: str):
+    """The bundled sample tokenizer, loaded once per session."""
+    from chatlm.tokenizer import load_tokenizer
+
+    return load_tokenizer(tiny_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def sample_rows() -> list[dict]:
+    """64 rows of the bundled prompt/response task."""
+    from chatlm.data.sample import generate_rows
+
+    return generate_rows(64, seed=0)
+
+
+@pytest.fixture
+def sample_parquet(tmp_path: Path, sample_rows: list[dict]) -> Callable[..., str]:
+    """Factory: ``sample_parquet(rows=None, name="train.parquet") -> path`` under ``tmp_path``."""
+
+    def make(rows: Sequence[dict] | None = None, name: str = "train.parquet", schema=None) -> str:
+        return write_parquet(tmp_path / name, sample_rows if rows is None else rows, schema=schema)
+
+    return make
+
+
+@pytest.fixture
+def data_cache_dir(tmp_path: Path) -> str:
+    """A fresh Arrow cache directory for one test."""
+    return str(tmp_path / "arrow-cache")
+
+
+@pytest.fixture(scope="session")
+def subprocess_env() -> dict[str, str]:
+    """Environment for child processes: offline, ``src/`` on PYTHONPATH."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(SRC), env.get("PYTHONPATH", "")) if p)
+    return env
