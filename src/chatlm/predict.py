@@ -81,8 +81,8 @@ def predict(model, tokenizer, prompts: list[str], fmt: str, max_seq_len: int, pr
     answers: list[str] = []
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i:i + batch_size]
-        input_ids, attention = prompt_ids_for_generation(tokenizer, chunk, fmt, max_seq_len)
-        answers += generate_answers(model, tokenizer, input_ids, attention, preset=preset,
+        enc = prompt_ids_for_generation(tokenizer, chunk, fmt, max_seq_len)
+        answers += generate_answers(model, tokenizer, enc["input_ids"], enc["attention_mask"], preset=preset,
                                     max_new_tokens=max_new_tokens)
     return answers
 
