@@ -59,6 +59,10 @@ class ChatLMCLI(LightningCLI):
             cfg.trainer.precision = default_precision(cfg.trainer.get("accelerator"))
         if cfg.run.debug:
             os.environ["CHATLM_DEBUG"] = "1"
+        import torch
+
+        if torch.cuda.is_available():  # TF32 tensor cores for fp32 matmuls (bf16-mixed unaffected)
+            torch.set_float32_matmul_precision("high")
 
     def _parse_ckpt_path(self) -> None:
         """Lightning reads --ckpt_path's hyperparameters here; check the file safely first (one line)."""
