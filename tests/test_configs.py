@@ -11,11 +11,15 @@ CONFIGS = sorted(os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, 
 GPU_ONLY = {"configs/fsdp.yaml", "configs/deepspeed.yaml"}  # checked on a GPU machine (docs/distributed.md)
 
 
-def _model_section(config):
+def _section(config, name):
     import yaml
 
     with open(os.path.join(REPO, config), encoding="utf-8") as f:
-        return (yaml.safe_load(f) or {}).get("model") or {}
+        return (yaml.safe_load(f) or {}).get(name) or {}
+
+
+def _model_section(config):
+    return _section(config, "model")
 
 
 NEEDS_PRETRAINED = {c: _model_section(c).get("arch", "t5") for c in CONFIGS if _model_section(c).get("pretrained")}
@@ -64,7 +68,17 @@ def test_config_trains_a_few_steps(config, tmp_path, pretrained):
 
     # The config's own model, optimizer and trainer settings, on the bundled data (legacy
     # configs name the original project's files) and a tiny model where it fine-tunes one.
-    extra = ["--data.train_file", sample_file("train"), "--data.val_file", sample_file("val"),
+    train, val = sample_file("train"), sample_file("val")
+    data = _section(config, "data")
+    if data.get("format") == "text":  # plain-text pretraining: the sample pairs as documents
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        rows = pq.read_table(train).to_pylist()[:400]
+        column = data.get("text_column", "text")
+        train = val = str(tmp_path / "text.parquet")
+        pq.write_table(pa.table({column: [r["prompt"] + "\n" + r["response"] for r in rows]}), train)
+    extra = ["--data.train_file", train, "--data.val_file", val, "--data.test_file", val,
              "--data.tokenizer", sample_tokenizer_dir()]
     if config in NEEDS_PRETRAINED:
         extra += ["--model.pretrained", pretrained[NEEDS_PRETRAINED[config]]]

@@ -44,7 +44,8 @@ def count_tokens(batch: dict[str, torch.Tensor]) -> tuple[int, int]:
 
 
 def split_prompts_for_generation(batch: dict[str, torch.Tensor], pad_id: int, seq2seq: bool):
-    """Generation inputs and reference label ids, taken from a training-format batch.
+    """Generation inputs and reference label ids, taken from a training-format batch
+    (None when a row has no prompt, as in plain-text pretraining).
 
     Seq2seq: the encoder input is the prompt as is. Causal: the prompt is the part whose
     labels are masked (-100) and attended; it is left-padded so ``generate`` continues it.
@@ -54,6 +55,8 @@ def split_prompts_for_generation(batch: dict[str, torch.Tensor], pad_id: int, se
         return batch["input_ids"], batch["attention_mask"], labels
     prompt_mask = (labels == -100) & batch["attention_mask"].bool()
     rows = [ids[m] for ids, m in zip(batch["input_ids"], prompt_mask)]
+    if any(len(r) == 0 for r in rows):
+        return None  # plain-text (pretraining) rows: no prompt to answer, nothing to score
     width = max(1, max(len(r) for r in rows))
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long, device=labels.device)
     attention = torch.zeros_like(input_ids)
@@ -252,8 +255,10 @@ class ChatLM(L.LightningModule):
         room = self.hparams.bleu_max_samples - int(self._bleu[1])
         if tok is None or room <= 0:
             return
-        input_ids, attention, labels = split_prompts_for_generation(
-            batch, self.hparams.pad_token_id, self.seq2seq)
+        split = split_prompts_for_generation(batch, self.hparams.pad_token_id, self.seq2seq)
+        if split is None:
+            return
+        input_ids, attention, labels = split
         input_ids, attention, labels = input_ids[:room], attention[:room], labels[:room]
         outputs = gen.generate_answers(self.model, tok, input_ids, attention,
                                        preset=self.hparams.generation_preset,
