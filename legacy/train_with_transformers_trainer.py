@@ -1,6 +1,6 @@
 # python legacy/train_with_transformers_trainer.py --model_name_or_path DIR [--flag value ...]
 # torchrun --nproc_per_node 2 legacy/train_with_transformers_trainer.py [...]      (CPU: gloo)
-# accelerate launch --cpu --num_processes 2 legacy/train_with_transformers_trainer.py [...]
+# accelerate launch --multi_gpu --num_processes 2 legacy/train_with_transformers_trainer.py [...]   (also on CPU; accelerate 1.x "--cpu --num_processes 2" starts one process)
 # python legacy/train_with_transformers_trainer.py [...] --print_lightning_config > run.yaml
 """The legacy Transformers-``Trainer`` training script, brought up to transformers 5.x.
 
