@@ -491,8 +491,9 @@ class TrainLowMem:
 
     # ------------------------------------------------------------------ Ctrl+C
     def _on_sigint(self, signum, frame) -> None:
-        if self._interrupted:  # second Ctrl+C: stop now
+        if self._interrupted:  # second Ctrl+C / SIGTERM: stop now
             signal.signal(signal.SIGINT, signal.default_int_handler)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
             raise KeyboardInterrupt
         self._interrupted = True
         print('\nCtrl+C: finishing the current accumulation window, then saving state '
@@ -689,7 +690,8 @@ class TrainLowMem:
                 raise FileNotFoundError('no training state to resume in {} (train without --is_keep_training '
                                         'first)'.format(train_config.train_state_dir))
             accelerator.load_state(input_dir=train_config.train_state_dir)
-            accelerator.register_for_checkpointing(lr_scheduler)  # as the original (custom_checkpoint_0.pkl)
+            # The original registered the scheduler here (custom_checkpoint_0.pkl); save_state already
+            # writes it as scheduler.bin, and the extra .pkl made the next load_state refuse the folder.
             saved = read_progress(train_config.train_state_dir)
             saved_rng = rng_file(train_config.train_state_dir, accelerator.process_index)
             if saved is not None and os.path.isfile(saved_rng):
@@ -755,6 +757,7 @@ class TrainLowMem:
             self.progress_bar = bar
 
         previous_handler = signal.signal(signal.SIGINT, self._on_sigint)
+        previous_term = signal.signal(signal.SIGTERM, self._on_sigint)  # a scheduler's stop saves too
         epoch_loss_list: list = []
         try:
             for epoch in range(start_epoch, int(train_config.epochs)):
@@ -865,6 +868,7 @@ class TrainLowMem:
             # end for epochs
         finally:
             signal.signal(signal.SIGINT, previous_handler)
+            signal.signal(signal.SIGTERM, previous_term)
             if bar is not None:
                 bar.stop()
         accelerator.wait_for_everyone()

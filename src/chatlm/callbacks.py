@@ -26,6 +26,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from chatlm.io import atomic_write_text
 from chatlm.losslog import LossLogWriter
+from chatlm.reliability import LastCheckpoint
 
 
 @dataclass
@@ -76,11 +77,6 @@ class LossLog(Callback):
         self.rows: list[dict[str, float]] = []
         self._seen_step = 0
 
-    def on_fit_start(self, trainer, pl_module) -> None:
-        if trainer.is_global_zero:
-            self.writer = LossLogWriter(self.path, resume_from_step=trainer.global_step)
-            self.rows = self.writer.rows
-
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         lr = optimizer.param_groups[0].get("lr")
         self._lr = float(lr) if lr is not None else None
@@ -102,6 +98,10 @@ class LossLog(Callback):
             self.writer.append(trainer.global_step, loss, self._lr)
 
     def on_train_start(self, trainer, pl_module) -> None:
+        # Not on_fit_start: Lightning restores global_step (loops) only after on_fit_start.
+        if trainer.is_global_zero:
+            self.writer = LossLogWriter(self.path, resume_from_step=trainer.global_step)
+            self.rows = self.writer.rows
         self._seen_step = trainer.global_step
         self._window = []
 
@@ -203,6 +203,10 @@ class HFExport(Callback):
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
             pl_module.load_state_dict(ckpt["state_dict"])
         if trainer.is_global_zero:
+            from chatlm.reliability import ensure_disk_space, estimate_checkpoint_bytes
+
+            ensure_disk_space(os.path.dirname(os.path.abspath(self.out_dir)),
+                              estimate_checkpoint_bytes(pl_module.hf_model().state_dict()), f"the export {self.out_dir}")
             tokenizer = getattr(trainer.datamodule, "tokenizer", None)
             save_hf(pl_module.hf_model(), tokenizer, self.out_dir)
         if current is not None:
@@ -214,9 +218,9 @@ def run_callbacks(cfg: RunConfig, run_dir: str, has_validation: bool,
                   bleu_on: bool) -> list[Callback]:
     """The callbacks every fit gets, all writing under ``run_dir``."""
     ckpt_dir = os.path.join(run_dir, "checkpoints")
-    last = ModelCheckpoint(dirpath=ckpt_dir, save_top_k=0, save_last=True,
-                           every_n_train_steps=cfg.checkpoint_every_n_steps or None,
-                           save_on_train_epoch_end=True)
+    last = LastCheckpoint(dirpath=ckpt_dir, save_top_k=0, save_last=True,
+                          every_n_train_steps=cfg.checkpoint_every_n_steps or None,
+                          save_on_train_epoch_end=True)
     callbacks: list[Callback] = [last]
     best = None
     if has_validation and cfg.save_top_k != 0:

@@ -74,6 +74,14 @@ class ChatLMCLI(LightningCLI):
             load_checkpoint_safely(ckpt_path, mmap=True)  # weights_only; corrupt / unsafe -> CheckpointError
         super()._parse_ckpt_path()
 
+    def before_fit(self) -> None:
+        """Check --ckpt_path (safe load, fits the model) before the trainer writes anything."""
+        from chatlm.reliability import preflight_checkpoint
+
+        preflight_checkpoint(self.trainer, self.model, self.config[self.subcommand].get("ckpt_path"))
+
+    before_validate = before_test = before_fit
+
     def instantiate_trainer(self, **kwargs):
         cfg = self.config_init[self.subcommand] if self.subcommand else self.config_init
         run_dir = cfg.trainer.get("default_root_dir") or "runs/default"

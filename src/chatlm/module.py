@@ -27,6 +27,7 @@ from chatlm.models import (
     is_seq2seq,
     load_model,
 )
+from chatlm.fast_adafactor import lean_optimizer
 from chatlm.optim import OptimizerName, SchedulerName, build_optimizer, build_scheduler
 
 LossNormalization = Literal["micro_batch", "window_tokens"]
@@ -320,6 +321,7 @@ class ChatLM(L.LightningModule):
         params = [p for p in self.parameters() if p.requires_grad]
         optimizer = build_optimizer(hp.optimizer, params, lr=hp.lr,
                                     weight_decay=hp.weight_decay, betas=tuple(hp.betas))
+        optimizer = lean_optimizer(optimizer)  # Adafactor: same updates, less memory traffic
         total = hp.scheduler_total_steps or int(self.trainer.estimated_stepping_batches)
         scheduler = build_scheduler(hp.scheduler, optimizer, total_steps=max(1, total),
                                     warmup_steps=hp.warmup_steps, lr=hp.lr,

@@ -176,7 +176,12 @@ def _as_string(array: pa.Array | pa.ChunkedArray, label: str, column: str) -> pa
                pa.types.is_integer, pa.types.is_floating, pa.types.is_boolean)
     if not any(test(kind) for test in textual):
         raise DataError(f"{label}: column {column!r} has type {kind}, expected text")
-    return pc.fill_null(pc.cast(array, pa.string()), "")
+    out = pc.fill_null(pc.cast(array, pa.string()), "")
+    try:
+        out.validate(full=True)  # string columns written by other tools may hold invalid UTF-8
+    except pa.ArrowInvalid as err:
+        raise DataError(f"{label}: column {column!r} is not valid UTF-8 text ({_one_line(err)})") from None
+    return out
 
 
 def _resolve_prompt_response_columns(path: str, prompt_column: str, response_column: str) -> dict[str, _Column]:
@@ -400,6 +405,11 @@ def _convert(
         raise DataError(f"{label}: cannot open its Arrow cache {target} ({_one_line(err)})") from None
     if len(ds) == 0:
         raise DataError(f"{label}: no rows")
+    for name in ("response", "text"):  # the column the loss is computed on
+        if name in columns and name in ds.column_names:
+            longest = pc.max(pc.binary_length(ds.data.column(name))).as_py()
+            if not longest:
+                raise DataError(f"{label}: column {columns[name].source!r} is empty (null or \"\") in every row")
     return ds
 
 
