@@ -1,0 +1,314 @@
+# python -m chatlm.perf peak --threads 2        # the machine's fp32 matmul peak (GFLOP/s)
+"""Performance measurement: matmul peak, model FLOPs, MFU, memory, step timing.
+
+Used by ``python -m src bench`` (:mod:`chatlm.bench`), ``python -m src plan``
+(:mod:`chatlm.plan`) and ``scripts/gpu_bench.py``. Engine-agnostic by design: a
+:class:`StepProbe` times every engine the same way, from outside its code:
+
+* a global optimizer post-step hook (``torch.optim.optimizer.register_optimizer_step_post_hook``)
+  stamps the end of every optimizer step, whichever trainer calls ``step()``;
+* a wrapper around ``torch.utils.data``'s iterator ``__next__`` records every batch handed to
+  the trainer (padded and non-pad tokens, shape), so tokens/s never depends on an engine's
+  own bookkeeping;
+* peak memory is read at each step end: ``ru_maxrss`` (peak RSS of the process) on CPU,
+  ``torch.cuda.max_memory_allocated`` on a GPU.
+
+Model FLOPs are counted by :class:`torch.utils.flop_counter.FlopCounterMode` on one forward +
+backward of the model built on the ``meta`` device (shapes only: no memory, no compute), so
+encoder and decoder tokens, attention and the output head are all counted exactly; a
+gradient-checkpointing recompute is *not* counted (MFU counts model FLOPs, not hardware
+FLOPs). MFU = achieved model FLOPs/s / the fp32 matmul peak measured on the same machine
+with the same thread count (:func:`matmul_peak`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+__all__ = [
+    "set_threads",
+    "matmul_peak",
+    "model_step_flops",
+    "rss_mb",
+    "peak_rss_mb",
+    "StepProbe",
+    "timed_window",
+    "main",
+]
+
+
+# --------------------------------------------------------------------------- threads, memory
+def set_threads(n: Optional[int]) -> int:
+    """``torch.set_num_threads(n)`` (and OMP/MKL env for child processes); returns the count."""
+    if n:
+        torch.set_num_threads(int(n))
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ[var] = str(int(n))
+    return torch.get_num_threads()
+
+
+def rss_mb() -> float:
+    """Current resident memory of this process, MiB (``/proc/self/statm``; psutil elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:  # pragma: no cover - not Linux
+        import psutil
+
+        return psutil.Process().memory_info().rss / 2**20
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process since it started, MiB (``ru_maxrss``)."""
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / 1024.0 if sys.platform != "darwin" else kb / 2**20
+
+
+# --------------------------------------------------------------------------- matmul peak
+def matmul_peak(threads: Optional[int] = None, sizes: tuple[int, ...] = (1024, 2048, 3072),
+                seconds: float = 1.0, dtype: torch.dtype = torch.float32,
+                device: str = "cpu") -> dict[str, Any]:
+    """The best FLOP/s of large square matmuls: the peak MFU is measured against.
+
+    Each size runs for ``seconds`` after two warm-up products; the best size wins (CPU BLAS
+    peaks at a size that fits its blocking; a GPU at the largest).
+
+    Returns:
+        ``{"flops_per_s", "gflops", "best_size", "per_size": {n: GFLOP/s}, "threads",
+        "dtype", "device"}``.
+    """
+    if threads:
+        set_threads(threads)
+    per_size: dict[int, float] = {}
+    for n in sizes:
+        a = torch.randn(n, n, dtype=dtype, device=device)
+        b = torch.randn(n, n, dtype=dtype, device=device)
+        out = torch.empty(n, n, dtype=dtype, device=device)
+        for _ in range(2):
+            torch.mm(a, b, out=out)
+        _sync(device)
+        k, t0 = 0, time.perf_counter()
+        while True:
+            torch.mm(a, b, out=out)
+            k += 1
+            if k % 4 == 0 or device == "cpu":
+                _sync(device)
+                if time.perf_counter() - t0 >= seconds:
+                    break
+        _sync(device)
+        dt = (time.perf_counter() - t0) / k
+        per_size[n] = 2.0 * n ** 3 / dt / 1e9
+    best = max(per_size, key=per_size.__getitem__)
+    return {"flops_per_s": per_size[best] * 1e9, "gflops": per_size[best], "best_size": best,
+            "per_size": {str(k): round(v, 2) for k, v in per_size.items()},
+            "threads": torch.get_num_threads(), "dtype": str(dtype).replace("torch.", ""),
+            "device": device}
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+# --------------------------------------------------------------------------- FLOPs
+def model_step_flops(build: Callable[[], torch.nn.Module], batch_size: int, input_len: int,
+                     label_len: Optional[int] = None, vocab_size: int = 8) -> int:
+    """FLOPs of one training step (forward + backward) of ``build()`` on one batch shape.
+
+    ``build`` is called under ``torch.device("meta")`` (no memory, no compute): pass the same
+    builder as the real run (LoRA included; leave gradient checkpointing off so its recompute
+    is not counted). ``label_len`` None: a causal model (labels as long as the input);
+    otherwise a seq2seq model with ``label_len`` decoder tokens. The attention mask is left
+    out (it changes no FLOP count, and transformers inspects its values).
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        model = build()
+        model.train()
+        ids = torch.randint(2, max(3, vocab_size), (batch_size, input_len))
+        labels = torch.randint(2, max(3, vocab_size), (batch_size, label_len or input_len))
+    counter = FlopCounterMode(display=False)
+    with counter:
+        out = model(input_ids=ids, labels=labels)
+        out.loss.backward()
+    return int(counter.get_total_flops())
+
+
+# --------------------------------------------------------------------------- step probe
+@dataclass
+class StepProbe:
+    """Times optimizer steps and records the batches of any PyTorch trainer in this process.
+
+    ``install()`` before the trainer starts; afterwards ``steps`` holds one
+    ``(perf_counter, peak_memory_mb)`` per optimizer step and ``batches`` one
+    ``{"tokens", "nonpad", "shape"}`` per batch taken from a ``DataLoader`` (in order).
+    Seq2seq batches (labels shaped unlike ``input_ids``) count encoder and decoder tokens.
+    """
+
+    max_steps: Optional[int] = None
+    steps: list[tuple[float, float]] = field(default_factory=list)
+    batches: list[dict[str, Any]] = field(default_factory=list)
+    t_start: float = 0.0
+    first_batch_at: Optional[float] = None
+    _handles: list[Any] = field(default_factory=list)
+    _orig_next: Any = None
+
+    def install(self) -> "StepProbe":
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+        from torch.utils.data import dataloader
+
+        self.t_start = time.perf_counter()
+        on_gpu = torch.cuda.is_available()
+
+        def after_step(optimizer, args, kwargs) -> None:
+            if on_gpu:
+                torch.cuda.synchronize()
+                mem = torch.cuda.max_memory_allocated() / 2**20
+            else:
+                mem = peak_rss_mb()
+            self.steps.append((time.perf_counter(), mem))
+
+        self._handles.append(register_optimizer_step_post_hook(after_step))
+        base = dataloader._BaseDataLoaderIter
+        orig = base.__next__
+        self._orig_next = orig
+        probe = self
+
+        def __next__(it):  # noqa: N807 - replaces the iterator protocol method
+            batch = orig(it)
+            probe._record(batch)
+            return batch
+
+        base.__next__ = __next__
+        return self
+
+    def remove(self) -> None:
+        from torch.utils.data import dataloader
+
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        if self._orig_next is not None:
+            dataloader._BaseDataLoaderIter.__next__ = self._orig_next
+            self._orig_next = None
+
+    def _record(self, batch: Any) -> None:
+        if self.first_batch_at is None:
+            self.first_batch_at = time.perf_counter()
+        if not isinstance(batch, Mapping) or "input_ids" not in batch:  # dict, BatchEncoding, ...
+            self.batches.append({"tokens": 0, "nonpad": 0, "shape": None})
+            return
+        ids = batch["input_ids"]
+        mask = batch.get("attention_mask")
+        labels = batch.get("labels")
+        tokens = int(ids.numel())
+        nonpad = int(mask.sum()) if mask is not None else tokens
+        shape = [int(ids.shape[0]), int(ids.shape[1])]
+        if labels is not None and tuple(labels.shape) != tuple(ids.shape):  # seq2seq decoder side
+            tokens += int(labels.numel())
+            nonpad += int((labels != -100).sum())
+            shape.append(int(labels.shape[1]))
+        self.batches.append({"tokens": tokens, "nonpad": nonpad, "shape": shape})
+
+    def result(self) -> dict[str, Any]:
+        t0 = self.t_start
+        return {
+            "step_ends": [round(t - t0, 6) for t, _ in self.steps],
+            "step_peak_mb": [round(m, 2) for _, m in self.steps],
+            "first_batch_at": None if self.first_batch_at is None else round(self.first_batch_at - t0, 6),
+            "batches": self.batches,
+        }
+
+
+def timed_window(result: dict[str, Any], warmup: int, accumulation: int = 1,
+                 flops_of: Optional[Callable[[list[int]], int]] = None,
+                 from_first_batch: bool = False) -> dict[str, Any]:
+    """Throughput over the optimizer steps after ``warmup`` (from a :meth:`StepProbe.result`).
+
+    Steps ``warmup+1 .. N`` are timed from the end of step ``warmup`` to the end of step
+    ``N``; their batches are batches ``warmup*acc .. N*acc - 1`` (batches prefetched but
+    never trained on are ignored). ``from_first_batch``: time every step from the moment
+    the first batch was taken (no warm-up excluded; for runs whose batches differ in cost,
+    e.g. length-grouped, where excluding the first batch would bias the comparison).
+
+    Returns ``{"steps", "seconds", "step_time_s" (median), "tokens_per_s" (all timed tokens /
+    all timed seconds), "median_step_tokens_per_s" (the median over steps of each step's
+    tokens / its time: robust to a step slowed by another process), "nonpad_tokens_per_s",
+    "flops_per_s" (when ``flops_of`` is given), "pad_fraction"}``.
+    """
+    ends = result["step_ends"]
+    n = len(ends)
+    if from_first_batch:
+        warmup = 0
+        start = result.get("first_batch_at") or 0.0
+    else:
+        warmup = min(max(0, warmup), max(0, n - 1))
+        start = ends[warmup - 1] if warmup > 0 else (result.get("first_batch_at") or 0.0)
+    timed = ends[warmup:]
+    if not timed:
+        raise ValueError("no optimizer step was recorded")
+    seconds = timed[-1] - start
+    batches = result["batches"][warmup * accumulation: n * accumulation]
+    tokens = sum(b["tokens"] for b in batches)
+    nonpad = sum(b["nonpad"] for b in batches)
+    diffs = [b - a for a, b in zip([start] + timed[:-1], timed)]
+    per_step = [sum(x["tokens"] for x in batches[i * accumulation:(i + 1) * accumulation]) / d
+                for i, d in enumerate(diffs) if d > 0]
+    diffs = sorted(diffs)
+    out = {
+        "steps": len(timed),
+        "seconds": seconds,
+        "step_time_s": _median(diffs),
+        "median_step_tokens_per_s": _median(sorted(per_step)) if per_step else 0.0,
+        "tokens": tokens,
+        "nonpad_tokens": nonpad,
+        "tokens_per_s": tokens / seconds if seconds > 0 else 0.0,
+        "nonpad_tokens_per_s": nonpad / seconds if seconds > 0 else 0.0,
+        "pad_fraction": 1.0 - nonpad / tokens if tokens else 0.0,
+    }
+    if flops_of is not None:
+        flops = sum(flops_of(b["shape"]) for b in batches if b["shape"])
+        out["flops"] = flops
+        out["flops_per_s"] = flops / seconds if seconds > 0 else 0.0
+    return out
+
+
+def _median(xs: list[float]) -> float:
+    n = len(xs)
+    return (xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])) if n else 0.0
+
+
+# --------------------------------------------------------------------------- CLI
+def main(argv: Optional[list[str]] = None) -> None:
+    """``python -m chatlm.perf peak [--threads N] [--seconds S] [--device cpu|cuda] [--dtype ...]``."""
+    parser = argparse.ArgumentParser(prog="python -m chatlm.perf", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    peak = sub.add_parser("peak", help="measure the matmul peak and print it as JSON")
+    peak.add_argument("--threads", type=int, default=None)
+    peak.add_argument("--seconds", type=float, default=1.0)
+    peak.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048, 3072])
+    peak.add_argument("--device", default="cpu")
+    peak.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    peak.add_argument("--out", default=None, help="also write the JSON here")
+    args = parser.parse_args(argv)
+    res = matmul_peak(args.threads, tuple(args.sizes), args.seconds, getattr(torch, args.dtype), args.device)
+    text = json.dumps(res)
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
