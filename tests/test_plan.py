@@ -114,8 +114,12 @@ def test_estimate_parts_follow_the_options():
     ckpt = estimate(_setup(gradient_checkpointing=True, batch_size=16, seq_len=64, label_len=64), runtime=0.0)
     full = estimate(_setup(batch_size=16, seq_len=64, label_len=64), runtime=0.0)
     assert ckpt["activations_mb"] < 0.7 * full["activations_mb"]
-    bf16 = estimate(_setup(precision="bf16-mixed", device="cuda"), runtime=0.0)
-    assert bf16["activations_mb"] == pytest.approx(0.5 * base["activations_mb"])
+    # Same device, same shape: bf16-mixed saves less for backward than fp32 (not half: T5
+    # keeps its norms and softmax in fp32 under autocast, and the count is exact per dtype).
+    shape = dict(size=wide, batch_size=16, seq_len=64, label_len=64, device="cuda")
+    bf16 = estimate(_setup(precision="bf16-mixed", **shape), runtime=0.0)
+    fp32 = estimate(_setup(precision="32-true", **shape), runtime=0.0)
+    assert 0 < bf16["activations_mb"] < 0.98 * fp32["activations_mb"]
     lora = estimate(_setup(lora_r=2), runtime=0.0)
     assert lora["trainable_parameters"] < 0.2 * lora["parameters"]
     assert lora["gradients_mb"] < 0.2 * base["gradients_mb"]
