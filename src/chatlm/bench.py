@@ -143,7 +143,7 @@ class Mode:
     data_rows: tuple[int, int] = (20_000, 200_000)
     data_legacy_items: int = 20
     data_module_items: int = 5000
-    peak_seconds: float = 1.0
+    peak_seconds: float = 1.5
     check: bool = True
 
 
@@ -154,7 +154,7 @@ MODES: dict[str, Mode] = {
         lowmem_mem_batch=12, lowmem_mem_steps=3, lowmem_curve_batch=2, lowmem_curve_len=32,
         lowmem_curve_steps=50, grouped_size="t5_small", grouped_batches=60, causal_len=128,
         causal_steps=4, causal_warmup=1, data_legacy_items=10, data_module_items=3000,
-        peak_seconds=0.7),
+        peak_seconds=1.0),
     "tiny": Mode(
         "tiny", engine_size="t5_tiny", engine_len=16, engine_batch=4, engine_steps=3, engine_warmup=1,
         option_steps=2, option_warmup=1, compile_warmup=1, lowmem_size="t5_tiny", lowmem_mem_batch=4,
@@ -297,18 +297,26 @@ def fixed_rows(tokenizer, n: int, prompt_tokens: int, response_tokens: int, seed
              "response": text_of_tokens(tokenizer, response_tokens - 1, rng, words)} for _ in range(n)]
 
 
-def longtail_lengths(n: int, seed: int, median: float, sigma: float, lo: int, hi: int) -> list[int]:
-    """Log-normal lengths (a long right tail, as in chat data), clipped to [lo, hi]."""
-    rng = random.Random(seed)
-    return [int(min(hi, max(lo, round(rng.lognormvariate(math.log(median), sigma))))) for _ in range(n)]
+def longtail_lengths(n: int, seed: int, medians: tuple[float, float] = (24, 40), sigma: float = 1.0,
+                     rho: float = 0.5, lo: int = 2, hi: int = 400) -> tuple[list[int], list[int]]:
+    """Prompt and response lengths, log-normal (a long right tail, as in chat data), their logs
+    correlated ``rho`` (longer questions tend to get longer answers), clipped to [lo, hi]."""
+    import numpy as np
+
+    g = np.random.default_rng(seed)
+    z1 = g.standard_normal(n)
+    z2 = rho * z1 + math.sqrt(1 - rho * rho) * g.standard_normal(n)
+    p = np.clip(np.round(np.exp(math.log(medians[0]) + sigma * z1)), lo, hi).astype(int)
+    r = np.clip(np.round(np.exp(math.log(medians[1]) + sigma * z2)), lo, hi).astype(int)
+    return p.tolist(), r.tolist()
 
 
 def longtail_rows(tokenizer, n: int, seed: int) -> list[dict]:
-    """Prompt/response pairs with log-normal token lengths (median 24 / 40 tokens, up to 400)."""
+    """Prompt/response pairs of long-tailed token lengths: log-normal, medians 24 / 40 tokens,
+    sigma 1.0, log-lengths correlated 0.5, 2-400 tokens."""
     rng = random.Random(seed)
     words = single_token_words(tokenizer)
-    p_len = longtail_lengths(n, seed, 24, 0.9, 2, 400)
-    r_len = longtail_lengths(n, seed + 1, 40, 0.9, 2, 400)
+    p_len, r_len = longtail_lengths(n, seed)
     return [{"prompt": " ".join(rng.choice(words) for _ in range(a)),
              "response": " ".join(rng.choice(words) for _ in range(b))} for a, b in zip(p_len, r_len)]
 
@@ -375,8 +383,8 @@ def prepare_data(out_dir: str, mode: Mode, cases: list[Case]) -> dict[str, str]:
         files["lowmem_curve"] = make(f"lowmem_curve_{n}x{L}.parquet", lambda: fixed_rows(tok, n, L, L, seed=3))
     if "longtail" in need:
         n = rows_needed("longtail")
-        files["longtail"] = make(f"longtail_{n}.parquet", lambda: longtail_rows(tok, n, seed=4))
-        files["longtail_val"] = make("longtail_val_256.parquet", lambda: longtail_rows(tok, 256, seed=5))
+        files["longtail"] = make(f"longtail2_{n}.parquet", lambda: longtail_rows(tok, n, seed=4))
+        files["longtail_val"] = make("longtail2_val_256.parquet", lambda: longtail_rows(tok, 256, seed=5))
     if "causal" in need:
         n, L = rows_needed("causal"), mode.causal_len
         files["causal"] = make(f"causal_{n}x{L}.parquet", lambda: causal_rows(tok, n, L, seed=6))
@@ -611,7 +619,7 @@ def worker_main(argv: list[str]) -> None:
         # what `python -m src plan` measures as the runtime part, in this fresh process
         runtime_mb = plan_runtime(resolve(_case_config(case, files, run_dir, threads),
                                           device="cuda" if torch.cuda.is_available() else "cpu"))
-    probe = StepProbe().install()
+    probe = StepProbe(profile_step=int(spec.get("profile_step") or 0)).install()
     t0 = time.perf_counter()
     extra = RUNNERS[case.engine](case, files, run_dir, threads)
     wall = time.perf_counter() - t0
@@ -1117,6 +1125,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--quiet_wait", type=float, default=0.0,
                    help="before each case, wait up to this many seconds for other processes to use under "
                         "10%% of the CPUs (measurement hygiene on a shared machine)")
+    p.add_argument("--profile_step", type=int, default=0,
+                   help="diagnostics: torch.profiler over optimizer step N of every case (table in bench.json)")
     p.add_argument("--cases", default=None, help="comma-separated case names to run (default: all of --only)")
     args = p.parse_args(argv)
     groups = tuple(g.strip() for g in args.only.split(",") if g.strip())
@@ -1176,7 +1186,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             os.unlink(out_path)
         with open(spec_path, "w", encoding="utf-8") as f:
             json.dump({"case": dataclasses.asdict(case), "files": files, "run_dir": run_dir,
-                       "threads": args.threads}, f)
+                       "threads": args.threads, "profile_step": args.profile_step}, f)
         log = os.path.join(out_dir, "logs", f"{case.name}.log")
         quiet = wait_until_quiet(args.quiet_wait) if args.quiet_wait > 0 else None
         rc, secs, contention = _subprocess(["-m", "chatlm.bench", "_case", spec_path, out_path], env, log,
