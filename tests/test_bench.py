@@ -142,9 +142,9 @@ def test_ratios_and_targets_from_results():
     results["random_order"]["raw"]["val_loss"] = 3.0
     results["length_grouped"]["raw"]["val_loss"] = 3.03
     data = {"files": [{"rows": 200, "speedup": 500.0, "module_per_sample_s": 1e-5, "legacy_per_sample_s": 5e-3,
-                       "module_rss_growth_mb": 1.0},
+                       "module_rss_growth_mb": 1.0, "module_anon_rss_growth_mb": 0.5, "file_mb": 30.0},
                       {"rows": 20, "speedup": 60.0, "module_per_sample_s": 1e-5, "legacy_per_sample_s": 6e-4,
-                       "module_rss_growth_mb": 0.0}]}
+                       "module_rss_growth_mb": 0.0, "module_anon_rss_growth_mb": 0.0, "file_mb": 3.0}]}
     ratios, targets = compute_ratios(results, data, MODES["full"])
     assert ratios["main_vs_legacy_tokens_per_s"] == pytest.approx(1.1)
     assert ratios["main_vs_hf_trainer_tokens_per_s"] == pytest.approx(0.9)
@@ -157,6 +157,7 @@ def test_ratios_and_targets_from_results():
     assert targets["lowmem_peak_rss"]["pass"] is True
     assert targets["grouped_equal_loss"]["pass"] is True  # 1% apart
     assert targets["mfu"]["pass"] is True
+    assert targets["data_loading_flat_rss"]["pass"] is True and targets["data_loading_speedup"]["pass"] is True
 
 
 # ----------------------------------------------------------------------------- the command
@@ -234,3 +235,56 @@ def test_gpu_bench_cpu_tiny(tmp_path):
         assert c["tokens_per_s"] > 0 and c["peak_memory_mb"] > 0 and c["plan"]["peak_mb"] > 0
     assert report["parameters"] > 0 and report["flops_per_step"] > 0
     assert "bf16_8bit_ckpt_vs_fp32_memory" in report["ratios"]
+
+
+def test_repeated_cases_count_their_best_run():
+    from chatlm.bench import best_of_repeats
+
+    def run(tps, error=False):
+        return {"case": {}, "error": "x"} if error else {"case": {}, "metrics": {"tokens_per_s": tps}}
+
+    best = best_of_repeats({"a": run(10.0), "a#2": run(12.0), "a#3": run(0, error=True), "b": run(5.0)})
+    assert best["a"]["metrics"]["tokens_per_s"] == 12.0 and best["a"]["picked"] == "a#2"
+    assert best["a"]["repeats"] == {"a": 10.0, "a#2": 12.0, "a#3": None}
+    assert best["b"]["metrics"]["tokens_per_s"] == 5.0 and "picked" not in best["b"]
+
+
+def test_step_probe_told_seq2seq_counts_decoder_tokens_of_equal_length():
+    """A T5 batch whose labels are as long as its inputs still has a decoder side."""
+    from chatlm.perf import StepProbe
+
+    batch = {"input_ids": torch.ones(2, 4, dtype=torch.long), "attention_mask": torch.ones(2, 4),
+             "labels": torch.tensor([[5, 6, 7, -100], [5, 6, 7, 8]])}
+    guessed, told = StepProbe(), StepProbe(seq2seq=True)
+    guessed._record(batch)
+    told._record(batch)
+    assert guessed.batches[0] == {"tokens": 8, "nonpad": 8, "shape": [2, 4]}  # looks causal
+    assert told.batches[0] == {"tokens": 16, "nonpad": 15, "shape": [2, 4, 4]}
+
+
+@pytest.mark.parametrize("size, shapes", [
+    ("t5_tiny", [(8, 40, 60), (3, 9, 9), (5, 120, 7), (2, 7, 300), (8, 41, 60), (4, 1, 2), (8, 16, 16)]),
+    ("llama_tiny", [(8, 40), (2, 7), (3, 3), (4, 100), (5, 9), (6, 10), (7, 11), (1, 5)]),
+])
+def test_flop_form_equals_direct_counts(size, shapes):
+    """Batches of many shapes use the solved FLOP form: it must equal a direct count, shape by shape."""
+    from chatlm.bench import SIZES, Case, _FlopCache
+
+    case = Case("x", "grouped", "main", size, "longtail", 8, 10, 0)
+    by_form, direct = _FlopCache(), _FlopCache()
+    by_form.DIRECT_SHAPES, direct.DIRECT_SHAPES = 0, 10_000
+    f, g = by_form.for_case(case, 96), direct.for_case(case, 96)
+    assert [f(list(s)) for s in shapes] == [g(list(s)) for s in shapes]
+    assert by_form.forms[(size, 0, SIZES[size]["arch"])] is not None  # the form was used, not the fallback
+
+
+def test_compile_blocks_compiles_each_repeated_block_in_place():
+    from chatlm.models import build_model, compile_blocks
+
+    model = build_model("t5", vocab_size=64, d_model=16, d_ff=32, num_layers=2, num_heads=2, d_kv=8, dropout=0.0)
+    keys = list(model.state_dict())
+    assert compile_blocks(model) == 4  # 2 encoder + 2 decoder blocks
+    assert list(model.state_dict()) == keys  # no _orig_mod. prefix: checkpoints unchanged
+    assert all(getattr(b, "_compiled_call_impl", None) is not None for b in model.encoder.block)
+    llama = build_model("llama", vocab_size=64, d_model=16, d_ff=32, num_layers=3, num_heads=2, dropout=0.0)
+    assert compile_blocks(llama) == 3

@@ -23,16 +23,10 @@ from lightning.pytorch.cli import LightningCLI
 
 from chatlm.callbacks import RunConfig, run_callbacks
 from chatlm.data import ChatDataModule
+from chatlm.entry import OWN_SUBCOMMANDS
 from chatlm.errors import ChatLMError, fail, user_errors
 from chatlm.module import ChatLM
 from chatlm.reliability import checkpoint_io_plugins, reliability_callbacks, strategy_with_timeout
-
-OWN_SUBCOMMANDS = {
-    "tokenizer": "chatlm.tokenizer:main",
-    "predict": "chatlm.predict:main",
-    "bench": "chatlm.bench:main",
-    "plan": "chatlm.plan:main",
-}
 
 
 def default_precision(accelerator: Optional[str]) -> str:
@@ -108,6 +102,9 @@ class ChatLMCLI(LightningCLI):
 
 
 def lightning_main(args: Optional[list[str]]) -> None:
+    from chatlm.perf import tune_malloc
+
+    tune_malloc()  # steady training steps without page faults (docs/performance.md)
     ChatLMCLI(
         ChatLM,
         ChatDataModule,

@@ -23,24 +23,16 @@ def fail(message: str, code: int = 2) -> None:
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
+    """The exception types that are the user's doing. Only modules already imported are asked
+    (one that was never imported raised nothing), so an early ``--help`` stays fast."""
     types: list[type[BaseException]] = [ChatLMError, FileNotFoundError, NotADirectoryError,
                                         IsADirectoryError, PermissionError, FloatingPointError]
-    with contextlib.suppress(ImportError):
-        from chatlm.data.sources import DataError
-
-        types.append(DataError)
-    with contextlib.suppress(ImportError):
-        from chatlm.models import ModelLoadError
-
-        types.append(ModelLoadError)
-    with contextlib.suppress(ImportError):
-        from jsonargparse import ArgumentError
-
-        types.append(ArgumentError)
-    with contextlib.suppress(ImportError):
-        from lightning.fabric.utilities.exceptions import MisconfigurationException
-
-        types.append(MisconfigurationException)
+    for module, name in (("chatlm.data.sources", "DataError"), ("chatlm.models", "ModelLoadError"),
+                         ("jsonargparse", "ArgumentError"),
+                         ("lightning.fabric.utilities.exceptions", "MisconfigurationException")):
+        found = getattr(sys.modules.get(module), name, None)
+        if isinstance(found, type) and issubclass(found, BaseException):
+            types.append(found)
     return tuple(types)
 
 

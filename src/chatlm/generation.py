@@ -92,8 +92,8 @@ def generate_answers(
     """Generate one answer per row and decode it (special tokens skipped, whitespace stripped).
 
     Args:
-        model: A seq2seq (T5) or causal model, possibly PEFT-wrapped or ``torch.compile``-d (the
-            eager model generates). It is put in eval mode for the call and back in train mode
+        model: A seq2seq (T5) or causal model, possibly PEFT-wrapped or ``torch.compile``-d, whole or
+            per block (the eager model generates). It is put in eval mode for the call and back in train mode
             afterwards if it was training.
         input_ids: Prompts, ``(batch, length)``. Causal models need them **left-padded** (the
             answer continues the last column); only the new tokens are decoded.
@@ -114,11 +114,13 @@ def generate_answers(
     was_training = model.training
     model.eval()
     try:
-        if config.penalty_alpha:
-            sequences = contrastive_search(model, input_ids, attention_mask, config)
-        else:
-            sequences = model.generate(input_ids=input_ids, attention_mask=attention_mask,
-                                       generation_config=config)
+        # compiled blocks (model.compile) run eager here: generation changes shapes every step
+        with torch.compiler.set_stance("force_eager"):
+            if config.penalty_alpha:
+                sequences = contrastive_search(model, input_ids, attention_mask, config)
+            else:
+                sequences = model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                           generation_config=config)
     finally:
         model.train(was_training)
     if not seq2seq:

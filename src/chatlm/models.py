@@ -112,6 +112,29 @@ def build_model(
     raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(get_args(Arch))}")
 
 
+def compile_blocks(model: nn.Module) -> int:
+    """``torch.compile`` every repeated transformer block of ``model`` in place (regional compilation).
+
+    Each ``nn.ModuleList`` whose children are all of one class (T5's ``encoder.block`` and
+    ``decoder.block``, llama's ``model.layers``; also inside a PEFT wrapper) has each child
+    compiled with ``nn.Module.compile``. Identical blocks share one compiled graph, so this
+    compiles a few small graphs instead of one whole-model graph (about half the compile
+    time of ``torch.compile(model)`` for the benchmark's 30M T5), and the module tree and
+    its state-dict keys stay as they were (no ``_orig_mod.`` prefix in checkpoints).
+
+    Returns:
+        The number of blocks compiled (0: nothing repeated was found; the model is unchanged).
+    """
+    n = 0
+    for module in list(model.modules()):
+        if isinstance(module, nn.ModuleList) and len(module) >= 2 \
+                and len({type(child) for child in module}) == 1:
+            for child in module:
+                child.compile()
+                n += 1
+    return n
+
+
 def is_seq2seq(model: nn.Module) -> bool:
     """True for an encoder-decoder model (T5), False for a causal LM (also through PEFT)."""
     config = getattr(model, "config", None)

@@ -22,6 +22,7 @@ from chatlm.models import (
     Arch,
     apply_lora,
     build_model,
+    compile_blocks,
     count_parameters,
     freeze_modules,
     is_seq2seq,
@@ -119,7 +120,9 @@ class ChatLM(L.LightningModule):
             scored with BLEU-4 each validation; 0 turns BLEU off.
         generation_preset: Preset used for BLEU generations (see chatlm.generation).
         max_new_tokens: Longest generated answer during evaluation.
-        compile: ``torch.compile`` the model (faster steps after a slow first one).
+        compile: ``torch.compile`` each transformer block (regional compilation: identical
+            blocks share one graph; the first step is slow while it compiles). Generation
+            runs eager. On a CPU it rarely pays: measured in docs/performance.md.
     """
 
     def __init__(
@@ -190,7 +193,7 @@ class ChatLM(L.LightningModule):
                 self.model.enable_input_require_grads()
             self.model.config.use_cache = False
         if compile:
-            self.model = torch.compile(self.model)
+            compile_blocks(self.model)
         trainable, total = count_parameters(self.model)
         self.param_counts = {"trainable": trainable, "total": total}
         # Per micro-batch bookkeeping, read by the callbacks (chatlm.callbacks).
@@ -340,5 +343,5 @@ class ChatLM(L.LightningModule):
 
     # ------------------------------------------------------------------ export
     def hf_model(self):
-        """The underlying Hugging Face model (unwrapped from torch.compile)."""
+        """The underlying Hugging Face model (unwrapped from a whole-model torch.compile)."""
         return getattr(self.model, "_orig_mod", self.model)
