@@ -183,3 +183,36 @@ def test_legacy_onecycle_total_steps():
     assert legacy_onecycle_total_steps(121, 20, 6, 2) == 4
     with pytest.raises(ValueError):
         legacy_onecycle_total_steps(0, 20, 6, 2)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(lr=None, relative_step=True, scale_parameter=True, warmup_init=False),   # adafactor_legacy
+    dict(lr=1e-3, relative_step=False, scale_parameter=False),                    # adafactor (HF Trainer)
+    dict(lr=1e-3, relative_step=False, scale_parameter=True, beta1=0.9, weight_decay=0.01),
+    dict(lr=None, relative_step=True, scale_parameter=True, warmup_init=True),
+])
+def test_lean_adafactor_follows_transformers_adafactor(kwargs):
+    """The main path's Adafactor: Transformers' update rule with fewer passes, equal to float rounding."""
+    from transformers.optimization import Adafactor
+
+    from chatlm.fast_adafactor import LeanAdafactor, lean_optimizer
+
+    torch.manual_seed(0)
+    shapes = [(64, 48), (48,), (3, 16, 24), (200, 8)]
+    start = [torch.randn(*s) for s in shapes]
+    ref = [p.clone().requires_grad_() for p in start]
+    lean = [p.clone().requires_grad_() for p in start]
+    opt_ref = Adafactor(ref, **kwargs)
+    opt_lean = lean_optimizer(Adafactor(lean, **kwargs))
+    assert isinstance(opt_lean, LeanAdafactor)
+    for step in range(20):
+        grads = [torch.randn(*s) * (0.1 + step) for s in shapes]
+        for a, b, g in zip(ref, lean, grads):
+            a.grad, b.grad = g.clone(), g.clone()
+        opt_ref.step()
+        opt_lean.step()
+    for a, b, p0 in zip(ref, lean, start):
+        assert (a - b).abs().max() <= 1e-5 * a.abs().max()
+        assert not torch.equal(a.detach(), p0)  # it trained
+    # the same state keys: checkpoints move between the two classes
+    assert {k for s in opt_ref.state.values() for k in s} == {k for s in opt_lean.state.values() for k in s}

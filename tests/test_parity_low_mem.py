@@ -6,8 +6,9 @@ anything else). The main path runs ``python -m src fit`` with the shipped
 ``--print_lightning_config`` prints for the legacy command line, exactly as a user migrates.
 
 Tolerances (measured on this CPU, see docs in the test bodies):
-* legacy vs main path: 1e-5 relative per step and on the final parameters; measured: 0
-  (bit-identical losses, lrs and parameters, also across an interruption, and with dropout 0.1).
+* legacy vs main path: 1e-5 relative per step and on the final parameters (1e-3 under the
+  legacy default bf16 autocast); the main path's Adafactor (chatlm.fast_adafactor) equals
+  Transformers' to float rounding, so the curves agree to ~1e-7 in fp32 (printed with -s).
 * legacy on 2 processes at batch b vs 1 process at batch 2b, responses of equal token
   length: 1e-5 relative per step / on the parameters; measured max 1.3e-7 (losses, 32 steps)
   and 1.6e-7 (parameters): float summation order only.
@@ -136,10 +137,12 @@ def test_legacy_matches_main_path_with_its_shipped_config_across_a_resume(pdata,
     assert len(read_jsonl(run / "losses.jsonl")) == 13
     main_path(*common, "--ckpt_path", "last", tmp_root=pdata["root"])
     main_rows = read_jsonl(run / "losses.jsonl")
-    assert_same_losses(ref, main_rows, steps=32)
+    worst = assert_same_losses(ref, main_rows, steps=32)
+    print(f"legacy vs main path (TrainConfig, resumed): max relative loss difference {worst:.2e}")
 
     legacy_final = state_dict(str(legacy_pretrain / "chat_small_t5.epoch_3_latest.bin"))
-    assert_same_params(legacy_final, lightning_weights(str(run / "checkpoints" / "last.ckpt")))
+    worst = assert_same_params(legacy_final, lightning_weights(str(run / "checkpoints" / "last.ckpt")))
+    print(f"legacy vs main path (TrainConfig, resumed): max relative parameter difference {worst:.2e}")
     assert_same_params(legacy_final, state_dict(str(li / "chat_small_t5.epoch_3_latest.bin")), rel=0.0)
 
 
@@ -162,7 +165,8 @@ def test_sft_with_dropout_matches_the_printed_lightning_config(pdata, legacy_pre
     cfg_file = tmp_path / "low_mem_sft.yaml"
     cfg_file.write_text(printed, encoding="utf-8")
     main_path("fit", "--config", str(cfg_file), *MAIN_CPU, tmp_root=pdata["root"])
-    assert_same_losses(ref, read_jsonl(mrun / "losses.jsonl"), steps=8)
+    worst = assert_same_losses(ref, read_jsonl(mrun / "losses.jsonl"), steps=8)
+    print(f"legacy vs main path (SFT, dropout 0.1): max relative loss difference {worst:.2e}")
 
     legacy_final = state_dict(str(lrun / "chat_small_t5.epoch_1_latest.bin"))
     main_final = lightning_weights(str(mrun / "checkpoints" / "last.ckpt"))
@@ -224,7 +228,9 @@ def test_two_process_loss_is_the_token_mean_over_all_processes(tmp_path):
 def test_default_flags_match_the_shipped_config(pdata, tmp_path):
     """The migration check as a user runs it: legacy defaults (bf16 autocast, dropout 0.1) with
     only paths and the model size on the command line, against the shipped YAML with the same
-    overrides. Measured: bit-identical (16 steps across an epoch boundary and a validation)."""
+    overrides (16 steps across an epoch boundary and a validation). The main path's Adafactor
+    equals Transformers' to float rounding (~1e-7); bf16 autocast turns such differences into
+    whole bf16 roundings of activations, so this one is compared within 1e-3 (measured 1.3e-4)."""
     lrun, mrun = tmp_path / "legacy", tmp_path / "main"
     tiny = [a for a in TINY if not a.startswith("--dropout_rate")]
     legacy("train", *tiny, *paths(lrun, pdata), "--epochs=2", "--batch_size_per_gpu=4", "--max_seq_len=24",
@@ -236,4 +242,6 @@ def test_default_flags_match_the_shipped_config(pdata, tmp_path):
               "--data.test_file", pdata["test"], "--data.tokenizer", pdata["tokenizer"],
               "--data.batch_size", "4", "--data.eval_batch_size", "8", "--data.max_seq_len", "24",
               "--model.max_new_tokens", "24", tmp_root=pdata["root"])
-    assert_same_losses(read_jsonl(lrun / "losses.jsonl"), read_jsonl(mrun / "losses.jsonl"), steps=16)
+    worst = assert_same_losses(read_jsonl(lrun / "losses.jsonl"), read_jsonl(mrun / "losses.jsonl"), rel=1e-3,
+                               steps=16)
+    print(f"legacy vs main path (legacy defaults, bf16 autocast): max relative loss difference {worst:.2e}")
