@@ -237,16 +237,25 @@ def test_gpu_bench_cpu_tiny(tmp_path):
     assert "bf16_8bit_ckpt_vs_fp32_memory" in report["ratios"]
 
 
-def test_repeated_cases_count_their_best_run():
-    from chatlm.bench import best_of_repeats
+def test_repeated_cases_count_the_median_step_of_all_runs():
+    from chatlm.bench import combine_repeats
 
-    def run(tps, error=False):
-        return {"case": {}, "error": "x"} if error else {"case": {}, "metrics": {"tokens_per_s": tps}}
+    def run(steps, error=False):
+        if error:
+            return {"case": {}, "error": "x"}
+        med = sorted(steps)[len(steps) // 2]
+        return {"case": {}, "metrics": {"tokens_per_s": med, "nonpad_tokens_per_s": med / 2, "step_time_s": 1000 / med,
+                                        "achieved_gflops": med, "mfu": med / 1000, "step_tokens_per_s": steps}}
 
-    best = best_of_repeats({"a": run(10.0), "a#2": run(12.0), "a#3": run(0, error=True), "b": run(5.0)})
-    assert best["a"]["metrics"]["tokens_per_s"] == 12.0 and best["a"]["picked"] == "a#2"
-    assert best["a"]["repeats"] == {"a": 10.0, "a#2": 12.0, "a#3": None}
-    assert best["b"]["metrics"]["tokens_per_s"] == 5.0 and "picked" not in best["b"]
+    # one lucky run (a#2) does not decide: the median of the 9 timed steps does
+    out = combine_repeats({"a": run([100.0, 101.0, 99.0]), "a#2": run([130.0, 131.0, 129.0]),
+                           "a#3": run([102.0, 98.0, 100.0]), "a#4": run([], error=True), "b": run([5.0])})
+    assert out["a"]["metrics"]["tokens_per_s"] == 101.0
+    assert out["a"]["combined"] == {"runs": 3, "timed_steps": 9}
+    assert out["a"]["metrics"]["step_time_s"] == pytest.approx(1000 / 101.0)
+    assert out["a"]["metrics"]["mfu"] == pytest.approx(0.101)
+    assert out["a"]["repeats"] == {"a": 100.0, "a#2": 130.0, "a#3": 100.0, "a#4": None}
+    assert out["b"]["metrics"]["tokens_per_s"] == 5.0 and "combined" not in out["b"]
 
 
 def test_step_probe_told_seq2seq_counts_decoder_tokens_of_equal_length():

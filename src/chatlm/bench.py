@@ -145,6 +145,7 @@ class Mode:
     grouped_batches: int = 100       # batches per epoch (rows = batches x batch)
     grouped_max_chars: int = 1200    # legacy max_seq_len (characters kept per text)
     grouped_val_rows: int = 256      # validation rows scored after the epoch
+    grouped_repeats: int = 2         # the pair runs this many times, alternating; the median run counts
     causal_size: str = "llama_30m"
     causal_len: int = 256
     causal_batch: int = 8
@@ -162,9 +163,9 @@ MODES: dict[str, Mode] = {
     # under 10 minutes on 2 CPU cores: fewer steps, the loss curves and the length-grouping
     # comparison on the 8.8M T5, the same engines, batch and model for every speed target
     "quick": Mode(
-        "quick", engine_steps=4, engine_warmup=2, engine_repeats=3, option_steps=3, option_warmup=2,
+        "quick", engine_steps=3, engine_warmup=2, engine_repeats=3, option_steps=3, option_warmup=2,
         compile_warmup=2, lowmem_mem_batch=12, lowmem_mem_steps=2, lowmem_curve_batch=2, lowmem_curve_len=32,
-        lowmem_curve_size="t5_small", lowmem_curve_steps=50, grouped_size="t5_small", grouped_batches=40,
+        lowmem_curve_size="t5_small", lowmem_curve_steps=50, grouped_size="t5_small", grouped_batches=32,
         grouped_val_rows=128, causal_len=128, causal_steps=3, causal_warmup=2, data_legacy_items=10,
         data_module_items=10000, peak_seconds=1.0),
     "tiny": Mode(
@@ -173,9 +174,9 @@ MODES: dict[str, Mode] = {
         option_steps=2, option_warmup=1, compile_warmup=1, lowmem_size="t5_tiny", lowmem_mem_batch=4,
         lowmem_len=16, lowmem_mem_steps=3, lowmem_curve_batch=0, lowmem_curve_steps=3,
         lowmem_dropout=0.0, grouped_size="t5_tiny", grouped_batch=4, grouped_batches=6,
-        grouped_max_chars=200, grouped_val_rows=32, causal_size="llama_tiny", causal_len=16, causal_batch=4,
-        causal_steps=3, causal_warmup=1, data_rows=(500, 2000), data_legacy_items=3, data_module_items=200,
-        peak_seconds=0.2, check=False),
+        grouped_max_chars=200, grouped_val_rows=32, grouped_repeats=1, causal_size="llama_tiny", causal_len=16,
+        causal_batch=4, causal_steps=3, causal_warmup=1, data_rows=(500, 2000), data_legacy_items=3,
+        data_module_items=200, peak_seconds=0.2, check=False),
 }
 
 
@@ -245,10 +246,13 @@ def plan_cases(mode: Mode, groups: tuple[str, ...], skip_compile: bool = False) 
     if "grouped" in groups:
         grp = dict(size=m.grouped_size, data="longtail", batch_size=m.grouped_batch, steps=m.grouped_batches,
                    warmup=0, validate=True, time_from_first_batch=True, lr=1e-3, scheduler="cosine")
-        cases += [
-            Case("random_order", "grouped", "main", label="random order (legacy)", **grp),
-            Case("length_grouped", "grouped", "main", label="length-grouped", group_by_length=True, **grp),
-        ]
+        for r in range(1, max(1, m.grouped_repeats) + 1):  # alternating, like the engines
+            tag = "" if r == 1 else f"#{r}"
+            cases += [
+                Case("random_order" + tag, "grouped", "main", label="random order (legacy)", repeat=r, **grp),
+                Case("length_grouped" + tag, "grouped", "main", label="length-grouped", group_by_length=True,
+                     repeat=r, **grp),
+            ]
     if "causal" in groups:
         cz = dict(size=m.causal_size, data="causal", batch_size=m.causal_batch,
                   steps=m.causal_steps + m.causal_warmup, warmup=m.causal_warmup, optimizer="adamw",
@@ -694,6 +698,15 @@ def data_bench_main(argv: list[str]) -> None:
         t = time.perf_counter()
         ds = load_prompt_response(path, cache_dir=spec["cache_dir"])
         entry["module_open_s"] = time.perf_counter() - t
+        # steady state, as after the first pass of an epoch: every page of the mapped file
+        # touched once (one byte a page), so neither file pays first-touch page faults below
+        import numpy as np
+
+        for column in ds.data.table.columns:
+            for chunk in column.chunks:
+                for buf in chunk.buffers():
+                    if buf is not None and buf.size:
+                        int(np.frombuffer(buf, dtype=np.uint8)[::4096].sum())
         for i in range(50):  # warm-up
             row = ds[rng.randrange(rows)]
             legacy_texts(row["prompt"], row["response"], 512)
@@ -1056,6 +1069,7 @@ def analyse_case(case: Case, res: dict[str, Any], peak: dict[str, Any], flops: _
         # process); batches of varying shape (length-grouped): all tokens / all seconds
         "tokens_per_s": win["median_step_tokens_per_s"] if fixed_shape else win["tokens_per_s"],
         "mean_tokens_per_s": win["tokens_per_s"],
+        "step_tokens_per_s": [round(x, 3) for x in win["step_tokens_per_s"]] if fixed_shape else None,
         "nonpad_tokens_per_s": (win["nonpad_tokens_per_s"] * win["median_step_tokens_per_s"] / win["tokens_per_s"]
                                 if fixed_shape and win["tokens_per_s"] else win["nonpad_tokens_per_s"]),
         "step_time_s": win["step_time_s"],
@@ -1085,9 +1099,11 @@ def _rel_curve_diff(a: list[float], b: list[float], n: int) -> dict[str, float]:
     return {"steps": k, "max": max(rel), "mean": sum(rel) / k}
 
 
-def best_of_repeats(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """One entry per case: for a case run several times (``name#2``, ...), its fastest successful
-    run (highest tokens/s), with ``repeats`` listing every run's tokens/s."""
+def combine_repeats(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """One entry per case. A case run several times (``name#2``, ...) counts the median step
+    of all its runs' timed steps together (fixed-shape batches; else the median run), so one
+    run slowed or sped up by the machine moves it little; its other speed figures are scaled
+    to that throughput, ``repeats`` keeps each run's own tokens/s."""
     groups: dict[str, list[tuple[str, dict[str, Any]]]] = {}
     for name, entry in results.items():
         groups.setdefault(name.split("#", 1)[0], []).append((name, entry))
@@ -1097,18 +1113,34 @@ def best_of_repeats(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, A
         if not ok:
             out[base] = runs[0][1]
             continue
-        name, best = max(ok, key=lambda ne: ne[1]["metrics"]["tokens_per_s"])
-        if len(runs) > 1:
-            best = dict(best, picked=name, repeats={n: (e["metrics"]["tokens_per_s"] if "metrics" in e else None)
-                                                    for n, e in runs})
-        out[base] = best
+        if len(runs) == 1:
+            out[base] = ok[0][1]
+            continue
+        steps = sorted(x for _, e in ok for x in (e["metrics"].get("step_tokens_per_s") or []))
+        pooled = _median_of(steps) if steps else _median_of(sorted(e["metrics"]["tokens_per_s"] for _, e in ok))
+        first = ok[0][1]
+        m = dict(first["metrics"])
+        f = pooled / m["tokens_per_s"] if m["tokens_per_s"] else 1.0
+        m["tokens_per_s"] = pooled
+        m["nonpad_tokens_per_s"] *= f
+        m["step_time_s"] /= f
+        m["achieved_gflops"] *= f
+        if m.get("mfu") is not None:
+            m["mfu"] *= f
+        out[base] = dict(first, metrics=m, combined={"runs": len(ok), "timed_steps": len(steps)},
+                         repeats={n: (e["metrics"]["tokens_per_s"] if "metrics" in e else None) for n, e in runs})
     return out
+
+
+def _median_of(xs: list[float]) -> float:
+    n = len(xs)
+    return (xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])) if n else 0.0
 
 
 def compute_ratios(results: dict[str, dict[str, Any]], data: Optional[dict[str, Any]],
                    mode: Mode) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``ratios`` and ``targets`` from the analysed cases (repeated cases: the best run of each)."""
-    results = best_of_repeats(results)
+    """``ratios`` and ``targets`` from the analysed cases (repeated cases: all runs' steps together)."""
+    results = combine_repeats(results)
     r: dict[str, Any] = {}
 
     def get(name: str, key: str):
@@ -1229,18 +1261,15 @@ def render_markdown(report: dict[str, Any]) -> str:
              "(over 10% means the figure is disturbed). Peak RSS marked * : the case ran as a fresh python "
              "process (what `python -m src fit` shows); the others were forked from a server that had "
              "imported torch, transformers and lightning, so their RSS counts only the library pages they "
-             "touched. tokens/s: the median step of the case's timed steps; a case run several times "
-             "counts its best run.", "",
+             "touched. tokens/s: the median step of the case's timed steps.", "",
              f"Command: `{report['command']}`", "",
              "| group | case | engine | model | batch | tokens/s | non-pad tok/s | step (s) | peak "
              + ("GPU MB" if m["device"] != "cpu" else "RSS MB") + " | plan MB | MFU | last loss | others' CPU |",
              "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    picked = {v.get("picked") for v in best_of_repeats(report["cases"]).values() if v.get("picked")}
+    repeated = {n.split("#", 1)[0] for n in report["cases"] if "#" in n}
     for name, c in report["cases"].items():
         case = dict(c["case"])
-        if name in picked:
-            case["label"] = (case["label"] or name) + f" (run {case.get('repeat', 1)}, best)"
-        elif case.get("repeat", 1) > 1 or name + "#2" in report["cases"]:
+        if name.split("#", 1)[0] in repeated:
             case["label"] = (case["label"] or name) + f" (run {case.get('repeat', 1)})"
         if c.get("error"):
             lines.append(f"| {case['group']} | {case['label'] or name} | {case['engine']} | {case['size']} | "
@@ -1256,6 +1285,18 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"{_fmt(100 * mt['mfu'] if mt.get('mfu') is not None else None, 1)}% | "
             f"{_fmt(losses[-1] if losses else None, 3)} | "
             f"{_pct((c.get('contention') or {}).get('others_cpu_fraction'))} |")
+    combined = {k: c for k, c in combine_repeats(report["cases"]).items() if c.get("combined")}
+    if combined:
+        lines += ["", "Cases run several times, alternating (what the ratios use): the median step of all their "
+                  "runs' timed steps.", "",
+                  "| case | runs | timed steps | tokens/s | step (s) | MFU | each run's tokens/s |",
+                  "|---|---:|---:|---:|---:|---:|---|"]
+        for k, c in combined.items():
+            mt = c["metrics"]
+            runs = ", ".join(_fmt(v, 0) for v in c["repeats"].values())
+            lines.append(f"| {c['case']['label'] or k} | {c['combined']['runs']} | {c['combined']['timed_steps']} | "
+                         f"{_fmt(mt['tokens_per_s'], 0)} | {_fmt(mt['step_time_s'], 2)} | "
+                         f"{_fmt(100 * mt['mfu'] if mt.get('mfu') is not None else None, 1)}% | {runs} |")
     if report.get("data"):
         lines += ["", "| data file | rows | legacy low-mem dataset (ms/sample) | data module (us/sample) "
                   "| speed-up | RSS growth while serving: total / anonymous (MB) |", "|---|---:|---:|---:|---:|---:|"]
@@ -1280,7 +1321,7 @@ def render_png(report: dict[str, Any], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cases = {k: c for k, c in best_of_repeats(report["cases"]).items() if not c.get("error") and "metrics" in c}
+    cases = {k: c for k, c in combine_repeats(report["cases"]).items() if not c.get("error") and "metrics" in c}
     fig, axes = plt.subplots(1, 3, figsize=(16, 5), dpi=100)
     names = [k for k, c in cases.items() if c["case"]["group"] in ("engines", "options", "causal")]
     ax = axes[0]

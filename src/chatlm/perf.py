@@ -307,7 +307,8 @@ def timed_window(result: dict[str, Any], warmup: int, accumulation: int = 1,
     e.g. length-grouped, where excluding the first batch would bias the comparison).
 
     Returns ``{"steps", "seconds", "step_time_s" (median), "tokens_per_s" (all timed tokens /
-    all timed seconds), "median_step_tokens_per_s" (the median over steps of each step's
+    all timed seconds), "step_tokens_per_s" (each timed step's tokens / its time),
+    "median_step_tokens_per_s" (the median over steps of each step's
     tokens / its time: robust to a step slowed by another process), "nonpad_tokens_per_s",
     "flops_per_s" (when ``flops_of`` is given), "pad_fraction"}``.
     """
@@ -335,6 +336,7 @@ def timed_window(result: dict[str, Any], warmup: int, accumulation: int = 1,
         "seconds": seconds,
         "step_time_s": _median(diffs),
         "median_step_tokens_per_s": _median(sorted(per_step)) if per_step else 0.0,
+        "step_tokens_per_s": per_step,
         "tokens": tokens,
         "nonpad_tokens": nonpad,
         "tokens_per_s": tokens / seconds if seconds > 0 else 0.0,
