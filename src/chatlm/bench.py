@@ -191,21 +191,24 @@ def plan_cases(mode: Mode, groups: tuple[str, ...], skip_compile: bool = False) 
                             loss_normalization="window_tokens")
     if "engines" in groups:
         steps = dict(steps=m.engine_steps + m.engine_warmup, warmup=m.engine_warmup)
-        # alternating repeats: a machine whose speed drifts (other tenants of the host, clocks)
-        # treats both engines of a pair alike, and the best run of each counts
+        # alternating repeats in ABBA order (main first in odd runs, the other engine first in
+        # even ones): a machine whose speed drifts (other tenants of the host, clocks) treats both
+        # engines of a pair alike; all runs' timed steps count together (combine_repeats)
         for r in range(1, max(1, m.engine_repeats) + 1):
             tag = "" if r == 1 else f"#{r}"
-            cases += [
-                Case("main_legacy_settings" + tag, "engines", "main", label="main path (legacy loop's settings)",
-                     repeat=r, **eng, **steps, **legacy_settings),
-                Case("legacy_loop" + tag, "engines", "legacy", label="legacy loop (train_low_mem.py)",
-                     repeat=r, **eng, **steps, **legacy_settings),
-                Case("main_trainer_settings" + tag, "engines", "main",
-                     label="main path (Trainer script's settings)", repeat=r, **eng, **steps, **trainer_settings),
-                Case("hf_trainer" + tag, "engines", "hf_trainer",
-                     label="Trainer script (train_with_transformers_trainer.py)", repeat=r, **eng, **steps,
-                     **trainer_settings),
+            pairs = [
+                (Case("main_legacy_settings" + tag, "engines", "main", label="main path (legacy loop's settings)",
+                      repeat=r, **eng, **steps, **legacy_settings),
+                 Case("legacy_loop" + tag, "engines", "legacy", label="legacy loop (train_low_mem.py)",
+                      repeat=r, **eng, **steps, **legacy_settings)),
+                (Case("main_trainer_settings" + tag, "engines", "main",
+                      label="main path (Trainer script's settings)", repeat=r, **eng, **steps, **trainer_settings),
+                 Case("hf_trainer" + tag, "engines", "hf_trainer",
+                      label="Trainer script (train_with_transformers_trainer.py)", repeat=r, **eng, **steps,
+                      **trainer_settings)),
             ]
+            for main_case, other in pairs:
+                cases += [main_case, other] if r % 2 else [other, main_case]
     tiny = m.name.startswith("tiny")
     if "options" in groups:
         steps = dict(steps=m.option_steps + m.option_warmup, warmup=m.option_warmup)
@@ -246,13 +249,12 @@ def plan_cases(mode: Mode, groups: tuple[str, ...], skip_compile: bool = False) 
     if "grouped" in groups:
         grp = dict(size=m.grouped_size, data="longtail", batch_size=m.grouped_batch, steps=m.grouped_batches,
                    warmup=0, validate=True, time_from_first_batch=True, lr=1e-3, scheduler="cosine")
-        for r in range(1, max(1, m.grouped_repeats) + 1):  # alternating, like the engines
+        for r in range(1, max(1, m.grouped_repeats) + 1):  # alternating in ABBA order, like the engines
             tag = "" if r == 1 else f"#{r}"
-            cases += [
-                Case("random_order" + tag, "grouped", "main", label="random order (legacy)", repeat=r, **grp),
-                Case("length_grouped" + tag, "grouped", "main", label="length-grouped", group_by_length=True,
-                     repeat=r, **grp),
-            ]
+            pair = [Case("random_order" + tag, "grouped", "main", label="random order (legacy)", repeat=r, **grp),
+                    Case("length_grouped" + tag, "grouped", "main", label="length-grouped", group_by_length=True,
+                         repeat=r, **grp)]
+            cases += pair if r % 2 else pair[::-1]
     if "causal" in groups:
         cz = dict(size=m.causal_size, data="causal", batch_size=m.causal_batch,
                   steps=m.causal_steps + m.causal_warmup, warmup=m.causal_warmup, optimizer="adamw",
