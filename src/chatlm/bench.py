@@ -884,26 +884,39 @@ class CaseLauncher:
         self.env = env
         self.fresh = fresh or not sys.platform.startswith("linux")
         self.ctx = None
+        self._started = None
+
+    def start(self) -> None:
+        """Start the fork server; it imports PRELOAD in the background (call early: the imports
+        overlap whatever the caller does next)."""
+        if self.fresh or self._started is not None:
+            return
+        import multiprocessing as mp
+
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(list(PRELOAD))
+        saved = dict(os.environ)
+        os.environ.update(self.env)  # the fork server (and so every case) gets the bench's environment
+        try:
+            from multiprocessing import forkserver
+
+            forkserver.ensure_running()
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+        self._started = ctx
+
+    def ready(self) -> None:
+        """Wait until the fork server has imported PRELOAD (before anything is timed)."""
+        self._context()
 
     def _context(self):
         if self.ctx is None:
-            import multiprocessing as mp
-
-            ctx = mp.get_context("forkserver")
-            ctx.set_forkserver_preload(list(PRELOAD))
-            saved = dict(os.environ)
-            os.environ.update(self.env)  # the fork server (and so every case) gets the bench's environment
-            try:
-                from multiprocessing import forkserver
-
-                forkserver.ensure_running()
-            finally:
-                os.environ.clear()
-                os.environ.update(saved)
-            warm = ctx.Process(target=_noop)  # returns once the server has imported PRELOAD
+            self.start()
+            warm = self._started.Process(target=_noop)  # returns once the server has imported PRELOAD
             warm.start()
             warm.join()
-            self.ctx = ctx
+            self.ctx = self._started
         return self.ctx
 
     def run(self, kind: str, argv: list[str], log_path: str, timeout: float,
@@ -1454,6 +1467,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         if unknown:
             raise SystemExit(f"--cases: unknown {sorted(unknown)}; cases of --only: {[c.name for c in cases]}")
         cases = [c for c in cases if c.name in wanted]
+    launcher = CaseLauncher(env, fresh=args.fresh_processes)
+    launcher.start()  # its imports overlap the data preparation
     files = prepare_data(out_dir, mode, cases)
     files["grouped_max_chars"] = str(mode.grouped_max_chars)
     if any(c.arch == "llama" for c in cases):
@@ -1462,12 +1477,13 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     vocab = len(load_tokenizer(files["tokenizer"]))
 
+    if not launcher.fresh:
+        launcher.ready()  # nothing else running while the peak is measured
     peak = measure_peak(args.threads, mode.peak_seconds, env, out_dir)
     print(f"  matmul peak: {peak['gflops']:.1f} GFLOP/s (fp32, {peak['best_size']}^2, {peak['threads']} threads)",
           flush=True)
 
     flops = _FlopCache()
-    launcher = CaseLauncher(env, fresh=args.fresh_processes)
     results: dict[str, dict[str, Any]] = {}
     for case in cases:
         run_dir = os.path.join(out_dir, "runs", case.name)

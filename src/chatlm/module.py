@@ -229,6 +229,8 @@ class ChatLM(L.LightningModule):
     def _loss_for_backward(self, loss: torch.Tensor, ntok: torch.Tensor) -> torch.Tensor:
         """The loss whose gradient Lightning accumulates (it divides it by accumulation)."""
         if self.hparams.loss_normalization == "window_tokens":
+            if self._window_is_one_micro_batch():
+                return loss  # the token mean of the only micro-batch: already the window's mean
             # Sum over tokens now; on_before_optimizer_step divides by the window's tokens.
             self._window_tokens += float(ntok)
             return loss * ntok
@@ -291,8 +293,13 @@ class ChatLM(L.LightningModule):
         self._log_bleu("test")
 
     # ------------------------------------------------------------------ optimization
+    def _window_is_one_micro_batch(self) -> bool:
+        """One micro-batch per optimizer step on one device: its token-mean loss is the window's."""
+        trainer = self._trainer
+        return trainer is not None and trainer.accumulate_grad_batches == 1 and trainer.world_size == 1
+
     def on_before_optimizer_step(self, optimizer) -> None:
-        if self.hparams.loss_normalization != "window_tokens":
+        if self.hparams.loss_normalization != "window_tokens" or self._window_is_one_micro_batch():
             return
         # Gradients hold sum(CE) / accumulation (averaged over devices); rescale them to
         # mean(CE over every label token of the window on every device).
