@@ -1309,7 +1309,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         for k, c in combined.items():
             mt = c["metrics"]
             runs = ", ".join(_fmt(v, 0) for v in c["repeats"].values())
-            lines.append(f"| {c['case']['label'] or k} | {c['combined']['runs']} | {c['combined']['timed_steps']} | "
+            lines.append(f"| {c['case']['label'] or k} | {c['combined']['runs']} | "
+                         f"{c['combined']['timed_steps'] or '- (median run)'} | "
                          f"{_fmt(mt['tokens_per_s'], 0)} | {_fmt(mt['step_time_s'], 2)} | "
                          f"{_fmt(100 * mt['mfu'] if mt.get('mfu') is not None else None, 1)}% | {runs} |")
     if report.get("data"):
