@@ -688,6 +688,7 @@ def strategy_with_timeout(strategy: Any, timeout_s: Optional[float]) -> Any:
 _DIST_PATTERNS = (
     "connection closed by peer", "connection reset by peer", "broken pipe", "timed out",
     "socket timeout", "connection refused", "nccl", "gloo", "c10d", "processgroup", "process group",
+    "timeout", "pair closure",  # gloo: "Application timeout caused pair closure"
 )
 
 
