@@ -111,11 +111,6 @@ class Case:
     def arch(self) -> str:
         return SIZES[self.size]["arch"]
 
-    @property
-    def base(self) -> str:
-        """The case name without its repeat suffix (``main_legacy_settings#2`` -> ``main_legacy_settings``)."""
-        return self.name.split("#", 1)[0]
-
 
 @dataclass
 class Mode:
@@ -127,7 +122,7 @@ class Mode:
     engine_batch: int = 8
     engine_steps: int = 8
     engine_warmup: int = 2
-    engine_repeats: int = 3          # each engine pair runs this many times, alternating; the best run counts
+    engine_repeats: int = 3          # each engine pair runs this many times (ABBA); all runs' steps count together
     option_steps: int = 6
     option_warmup: int = 2
     compile_warmup: int = 3
@@ -820,11 +815,18 @@ def _subprocess(args: list[str], env: dict[str, str], log_path: str, timeout: fl
             rc = -9
     wall = time.perf_counter() - t
     busy1, child1 = _cpu_busy_s(), _children_cpu_s()
+    return rc, wall, _contention(load0, busy0, busy1, child1 - child0, wall)
+
+
+def _contention(load0: Optional[float], busy0: Optional[float], busy1: Optional[float],
+                own_cpu_s: Optional[float], wall: float) -> dict[str, Any]:
+    """Load average before/after and the share of all CPUs that *other* processes used while a
+    case ran: machine busy time minus the case's own CPU time, over ``wall`` seconds."""
     contention: dict[str, Any] = {"load_start": load0, "load_end": _load()}
-    if busy0 is not None and busy1 is not None and wall > 0:
-        others = max(0.0, (busy1 - busy0) - (child1 - child0))
+    if busy0 is not None and busy1 is not None and own_cpu_s is not None and wall > 0:
+        others = max(0.0, (busy1 - busy0) - own_cpu_s)
         contention["others_cpu_fraction"] = round(others / (wall * (os.cpu_count() or 1)), 4)
-    return rc, wall, contention
+    return contention
 
 
 #: Modules every case imports, loaded once by the fork server (``--fresh_processes``: none)
@@ -942,16 +944,12 @@ class CaseLauncher:
             rc = proc.exitcode if proc.exitcode is not None else -1
         wall = time.perf_counter() - t
         busy1 = _cpu_busy_s()
-        contention: dict[str, Any] = {"load_start": load0, "load_end": _load()}
         try:
             with open(cpu_path, encoding="utf-8") as f:
                 own = json.load(f)["cpu_s"]
         except (OSError, ValueError, KeyError):
             own = None
-        if busy0 is not None and busy1 is not None and own is not None and wall > 0:
-            others = max(0.0, (busy1 - busy0) - own)
-            contention["others_cpu_fraction"] = round(others / (wall * (os.cpu_count() or 1)), 4)
-        return rc, wall, contention
+        return rc, wall, _contention(load0, busy0, busy1, own, wall)
 
 
 def _tail(path: str, n: int = 12) -> str:
@@ -1119,6 +1117,8 @@ def combine_repeats(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, A
     of all its runs' timed steps together (fixed-shape batches; else the median run), so one
     run slowed or sped up by the machine moves it little; its other speed figures are scaled
     to that throughput, ``repeats`` keeps each run's own tokens/s."""
+    from chatlm.perf import _median
+
     groups: dict[str, list[tuple[str, dict[str, Any]]]] = {}
     for name, entry in results.items():
         groups.setdefault(name.split("#", 1)[0], []).append((name, entry))
@@ -1132,7 +1132,7 @@ def combine_repeats(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, A
             out[base] = ok[0][1]
             continue
         steps = sorted(x for _, e in ok for x in (e["metrics"].get("step_tokens_per_s") or []))
-        pooled = _median_of(steps) if steps else _median_of(sorted(e["metrics"]["tokens_per_s"] for _, e in ok))
+        pooled = _median(steps) if steps else _median(sorted(e["metrics"]["tokens_per_s"] for _, e in ok))
         first = ok[0][1]
         m = dict(first["metrics"])
         f = pooled / m["tokens_per_s"] if m["tokens_per_s"] else 1.0
@@ -1145,11 +1145,6 @@ def combine_repeats(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, A
         out[base] = dict(first, metrics=m, combined={"runs": len(ok), "timed_steps": len(steps)},
                          repeats={n: (e["metrics"]["tokens_per_s"] if "metrics" in e else None) for n, e in runs})
     return out
-
-
-def _median_of(xs: list[float]) -> float:
-    n = len(xs)
-    return (xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])) if n else 0.0
 
 
 def compute_ratios(results: dict[str, dict[str, Any]], data: Optional[dict[str, Any]],
