@@ -445,8 +445,14 @@ def test_datamodule_group_by_length_and_text_format(tmp_path, data_cache_dir):
     rows = [{"prompt": "p" * (i % 50 + 1), "response": "回" * (i % 7)} for i in range(200)]
     dm = ChatDataModule(train_file=write_parquet(tmp_path / "t.parquet", rows), cache_dir=data_cache_dir,
                         batch_size=4, group_by_length=True)
-    lengths = dm.lengths("train")
-    assert lengths.tolist() == [len(r["prompt"]) + 3 * len(r["response"]) for r in rows]  # UTF-8 bytes
+    lengths = dm.lengths("train")  # seq2seq: the longer side, in UTF-8 bytes
+    assert lengths.tolist() == [max(len(r["prompt"]), 3 * len(r["response"])) for r in rows]
+    causal = ChatDataModule(train_file=write_parquet(tmp_path / "t.parquet", rows), cache_dir=data_cache_dir,
+                            format="causal", batch_size=4, group_by_length=True)
+    assert causal.lengths("train").tolist() == [len(r["prompt"]) + 3 * len(r["response"]) for r in rows]
+    cut = ChatDataModule(train_file=write_parquet(tmp_path / "t.parquet", rows), cache_dir=data_cache_dir,
+                         max_seq_len=20, batch_size=4, group_by_length=True)
+    assert cut.lengths("train").max() == 20  # cut as the legacy collator cuts the texts
     loader = dm.train_dataloader()
     assert sorted(i for b in loader.batch_sampler for i in b) == list(range(200))
 
