@@ -89,6 +89,32 @@ def test_step_probe_times_steps_and_counts_batches():
     assert len(probe.steps) == 4
 
 
+def test_step_probe_times_the_optimizer_without_its_closure():
+    """Lightning passes forward + backward to optimizer.step() as a closure: not optimizer time."""
+    import time
+
+    from chatlm.perf import StepProbe
+
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def closure():
+        time.sleep(0.2)  # "forward + backward"
+        loss = model(torch.ones(1, 2)).sum()
+        loss.backward()
+        return loss
+
+    probe = StepProbe().install()
+    try:
+        opt.step(closure)          # keyword-less, as torch optimizers take it
+        opt.step(closure=closure)  # as Lightning passes it
+    finally:
+        probe.remove()
+    steps = probe.result()
+    assert len(steps["optimizer_s"]) == 2 and all(0 <= x < 0.1 for x in steps["optimizer_s"])
+    assert model.weight.grad is not None
+
+
 # ----------------------------------------------------------------------------- bench pieces
 def test_texts_of_exact_token_counts(tiny_tokenizer):
     import random
@@ -244,8 +270,9 @@ def test_repeated_cases_count_the_median_step_of_all_runs():
         if error:
             return {"case": {}, "error": "x"}
         med = sorted(steps)[len(steps) // 2]
-        return {"case": {}, "metrics": {"tokens_per_s": med, "nonpad_tokens_per_s": med / 2, "step_time_s": 1000 / med,
-                                        "achieved_gflops": med, "mfu": med / 1000, "step_tokens_per_s": steps}}
+        return {"case": {"warmup": 1}, "raw": {"optimizer_s": [9.0] + [s / 1000 for s in steps]},
+                "metrics": {"tokens_per_s": med, "nonpad_tokens_per_s": med / 2, "step_time_s": 1000 / med,
+                            "achieved_gflops": med, "mfu": med / 1000, "step_tokens_per_s": steps}}
 
     # one lucky run (a#2) does not decide: the median of the 9 timed steps does
     out = combine_repeats({"a": run([100.0, 101.0, 99.0]), "a#2": run([130.0, 131.0, 129.0]),
@@ -255,7 +282,32 @@ def test_repeated_cases_count_the_median_step_of_all_runs():
     assert out["a"]["metrics"]["step_time_s"] == pytest.approx(1000 / 101.0)
     assert out["a"]["metrics"]["mfu"] == pytest.approx(0.101)
     assert out["a"]["repeats"] == {"a": 100.0, "a#2": 130.0, "a#3": 100.0, "a#4": None}
+    # the optimizer's time: the median of all runs' timed steps too (warm-up steps left out)
+    assert out["a"]["metrics"]["optimizer_step_s"] == pytest.approx(0.101)
     assert out["b"]["metrics"]["tokens_per_s"] == 5.0 and "combined" not in out["b"]
+
+
+def test_engines_in_turns_compare_step_by_step():
+    """A slow second run slows both engines of the pair: the per-step ratios do not move."""
+    from chatlm.bench import compute_ratios, paired_ratio, MODES
+
+    def run(name, partner, steps):
+        return {"case": {"name": name}, "lockstep_with": [partner],
+                "metrics": {"tokens_per_s": sorted(steps)[len(steps) // 2], "nonpad_tokens_per_s": 1.0,
+                            "step_time_s": 1.0, "achieved_gflops": 1.0, "mfu": None, "step_tokens_per_s": steps}}
+
+    results = {"main_legacy_settings": run("main_legacy_settings", "legacy_loop", [110.0, 105.0, 112.0]),
+               "legacy_loop": run("legacy_loop", "main_legacy_settings", [100.0, 100.0, 100.0]),
+               # the machine at half speed for the whole second run
+               "legacy_loop#2": run("legacy_loop#2", "main_legacy_settings#2", [50.0, 50.0, 50.0]),
+               "main_legacy_settings#2": run("main_legacy_settings#2", "legacy_loop#2", [54.0, 52.0, 56.0])}
+    got = paired_ratio(results, "main_legacy_settings", "legacy_loop")
+    assert got["pairs"] == 6 and got["ratio"] == pytest.approx((1.08 + 1.10) / 2)
+    ratios, _ = compute_ratios(results, None, MODES["quick"])
+    assert ratios["main_vs_legacy_tokens_per_s"] == pytest.approx(got["ratio"])
+    # not in turns: no pairing (the pooled figures count)
+    results["legacy_loop"]["lockstep_with"] = results["legacy_loop#2"]["lockstep_with"] = None
+    assert paired_ratio(results, "legacy_loop", "main_legacy_settings") is None
 
 
 def test_step_probe_told_seq2seq_counts_decoder_tokens_of_equal_length():

@@ -6,8 +6,12 @@
     python -m src bench --tiny --out_dir /tmp/b         # seconds per case: checks that it runs (CI)
     python -m src bench --quick --only engines,lowmem   # a subset of the groups
 
-Each case runs in its own subprocess, one after the other, with the same thread count
-(``--threads``, default 2: ``torch.set_num_threads``, ``OMP_NUM_THREADS``, ``MKL_NUM_THREADS``).
+Each case runs in its own subprocess with the same thread count (``--threads``, default 2:
+``torch.set_num_threads``, ``OMP_NUM_THREADS``, ``MKL_NUM_THREADS``), and only one computes
+at a time. The two cases of a compared pair (``Case.lockstep``: main path vs another engine,
+random vs length-grouped order) run together, taking turns one optimizer step each
+(:mod:`chatlm.lockstep`), and their ratio is the median of the per-step ratios
+(:func:`paired_ratio`): a shared machine whose speed drifts slows both alike.
 A case is one engine -- the main path (``python -m src fit``), the legacy loop
 (``legacy/train_low_mem.py``), the Trainer script (``legacy/train_with_transformers_trainer.py``)
 or LLaMA-Factory (``legacy/train_with_real_llamafactory.py``, causal models) -- run *through its
@@ -51,6 +55,8 @@ import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Optional
+
+from chatlm.lockstep import BatonPair
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SRC = os.path.join(REPO, "src")
@@ -106,6 +112,7 @@ class Case:
     seed: int = 42
     repeat: int = 1                  # engines run several times, alternating: repeat k of the case
     fresh_process: bool = False      # a new python process (imports included), not forked: peak RSS as users see it
+    lockstep: str = ""               # cases with the same tag run at once, taking turns one step each (lockstep.Baton)
 
     @property
     def arch(self) -> str:
@@ -140,7 +147,7 @@ class Mode:
     grouped_batches: int = 100       # batches per epoch (rows = batches x batch)
     grouped_max_chars: int = 1200    # legacy max_seq_len (characters kept per text)
     grouped_val_rows: int = 256      # validation rows scored after the epoch
-    grouped_repeats: int = 2         # the pair runs this many times, alternating; the median run counts
+    grouped_repeats: int = 2         # the pair runs this many times, ABBA; the median run counts
     causal_size: str = "llama_30m"
     causal_len: int = 256
     causal_batch: int = 8
@@ -156,13 +163,15 @@ class Mode:
 MODES: dict[str, Mode] = {
     "full": Mode("full"),
     # under 10 minutes on 2 CPU cores: fewer steps, the loss curves and the length-grouping
-    # comparison on the 8.8M T5, the same engines, batch and model for every speed target
+    # comparison on the 8.8M T5, the same engines, batch and model for every speed target;
+    # the compared pairs take turns step by step, so two ABBA runs of 8 timed steps per engine
+    # and one length-grouping pair (32 batches, timed whole) are steadier than more, shorter runs
     "quick": Mode(
-        "quick", engine_steps=3, engine_warmup=2, engine_repeats=3, option_steps=3, option_warmup=2,
-        compile_warmup=2, lowmem_mem_batch=12, lowmem_mem_steps=2, lowmem_curve_batch=2, lowmem_curve_len=32,
+        "quick", engine_steps=8, engine_warmup=2, engine_repeats=2, option_steps=3, option_warmup=2,
+        compile_warmup=2, lowmem_mem_batch=16, lowmem_mem_steps=2, lowmem_curve_batch=2, lowmem_curve_len=32,
         lowmem_curve_size="t5_small", lowmem_curve_steps=50, grouped_size="t5_small", grouped_batches=32,
-        grouped_val_rows=128, causal_len=128, causal_steps=3, causal_warmup=2, data_legacy_items=10,
-        data_module_items=10000, peak_seconds=1.0),
+        grouped_val_rows=128, grouped_repeats=1, causal_len=128, causal_steps=3, causal_warmup=2,
+        data_legacy_items=10, data_module_items=10000, peak_seconds=1.0),
     "tiny": Mode(
         "tiny", engine_size="t5_tiny", engine_len=16, engine_batch=4, engine_steps=3, engine_warmup=1,
         engine_repeats=1,
@@ -203,6 +212,7 @@ def plan_cases(mode: Mode, groups: tuple[str, ...], skip_compile: bool = False) 
                       **trainer_settings)),
             ]
             for main_case, other in pairs:
+                main_case.lockstep = other.lockstep = f"{main_case.name}~{other.name}"
                 cases += [main_case, other] if r % 2 else [other, main_case]
     tiny = m.name.startswith("tiny")
     if "options" in groups:
@@ -246,17 +256,19 @@ def plan_cases(mode: Mode, groups: tuple[str, ...], skip_compile: bool = False) 
                    warmup=0, validate=True, time_from_first_batch=True, lr=1e-3, scheduler="cosine")
         for r in range(1, max(1, m.grouped_repeats) + 1):  # alternating in ABBA order, like the engines
             tag = "" if r == 1 else f"#{r}"
-            pair = [Case("random_order" + tag, "grouped", "main", label="random order (legacy)", repeat=r, **grp),
+            pair = [Case("random_order" + tag, "grouped", "main", label="random order (legacy)", repeat=r,
+                         lockstep=f"grouped{tag}", **grp),
                     Case("length_grouped" + tag, "grouped", "main", label="length-grouped", group_by_length=True,
-                         repeat=r, **grp)]
+                         repeat=r, lockstep=f"grouped{tag}", **grp)]
             cases += pair if r % 2 else pair[::-1]
     if "causal" in groups:
         cz = dict(size=m.causal_size, data="causal", batch_size=m.causal_batch,
                   steps=m.causal_steps + m.causal_warmup, warmup=m.causal_warmup, optimizer="adamw",
                   scheduler="cosine", lr=1e-4, loss_normalization="window_tokens")
         cases += [
-            Case("main_causal", "causal", "main", label="main path (llama, sft)", **cz),
-            Case("llamafactory", "causal", "llamafactory", label="LLaMA-Factory (llama, sft)", **cz),
+            Case("main_causal", "causal", "main", label="main path (llama, sft)", lockstep="causal", **cz),
+            Case("llamafactory", "causal", "llamafactory", label="LLaMA-Factory (llama, sft)", lockstep="causal",
+                 **cz),
         ]
     return cases
 
@@ -620,13 +632,32 @@ RUNNERS = {"main": _run_main, "legacy": _run_legacy, "hf_trainer": _run_hf_train
 
 
 def worker_main(argv: list[str]) -> None:
-    """``python -m chatlm.bench _case SPEC.json OUT.json``: run one case, write its measurements."""
-    from chatlm.perf import StepProbe, peak_rss_mb, set_threads
+    """``python -m chatlm.bench _case SPEC.json OUT.json``: run one case, write its measurements.
+
+    ``SPEC["baton"]`` (two FIFO paths, timeout): the case is half of a lockstep pair
+    (:class:`chatlm.lockstep.Baton`).
+    """
+    from chatlm.lockstep import Baton
 
     with open(argv[0], encoding="utf-8") as f:
         spec = json.load(f)
     case = Case(**spec["case"])
     files, run_dir, threads = spec["files"], spec["run_dir"], spec["threads"]
+    baton = None
+    if spec.get("baton"):  # a lockstep pair: nothing runs before this process's first turn
+        baton = Baton(*spec["baton"])
+        baton.take()
+    try:
+        _run_case(case, files, run_dir, threads, spec, baton, argv[1])
+    finally:
+        if baton is not None:
+            baton.finish()
+
+
+def _run_case(case: Case, files: dict[str, str], run_dir: str, threads: int, spec: dict[str, Any],
+              baton: Optional[Any], out_path: str) -> None:
+    from chatlm.perf import StepProbe, peak_rss_mb, set_threads
+
     set_threads(threads)
     import torch
 
@@ -639,10 +670,11 @@ def worker_main(argv: list[str]) -> None:
         # what `python -m src plan` measures as the runtime part, in this fresh process
         runtime_mb = plan_runtime(resolve(_case_config(case, files, run_dir, threads),
                                           device="cuda" if torch.cuda.is_available() else "cpu"))
-    probe = StepProbe(profile_step=int(spec.get("profile_step") or 0), seq2seq=case.arch == "t5").install()
-    t0 = time.perf_counter()
+    probe = StepProbe(profile_step=int(spec.get("profile_step") or 0), seq2seq=case.arch == "t5",
+                      baton=baton).install()
+    t0 = probe.now()
     extra = RUNNERS[case.engine](case, files, run_dir, threads)
-    wall = time.perf_counter() - t0
+    wall = probe.now() - t0
     probe.remove()
     res = probe.result()
     if case.engine == "main":
@@ -654,12 +686,13 @@ def worker_main(argv: list[str]) -> None:
     res["process_peak_rss_mb"] = peak_rss_mb()      # incl. anything after training (saving)
     res["memory_kind"] = "cuda_max_allocated" if torch.cuda.is_available() else "peak_rss"
     res["threads"] = torch.get_num_threads()
+    res["waited_for_partner_s"] = round(probe.waited, 3)
     loss_path = os.path.join(extra.get("loss_dir", run_dir), "losses.jsonl")
     res["losses"] = []
     if os.path.exists(loss_path):
         with open(loss_path, encoding="utf-8") as f:
             res["losses"] = [json.loads(line)["loss"] for line in f if line.strip()]
-    with open(argv[1], "w", encoding="utf-8") as f:
+    with open(out_path, "w", encoding="utf-8") as f:
         json.dump(res, f)
 
 
@@ -687,9 +720,12 @@ def data_bench_main(argv: list[str]) -> None:
     with open(argv[0], encoding="utf-8") as f:
         spec = json.load(f)
     set_threads(spec["threads"])
-    results: dict[str, Any] = {"files": []}
+    import numpy as np
+
+    rng = random.Random(0)
+    entries: list[dict[str, Any]] = []
+    datasets = []
     for path, rows in zip(spec["paths"], spec["rows"]):
-        rng = random.Random(0)
         entry: dict[str, Any] = {"rows": rows, "file_mb": os.path.getsize(path) / 2**20}
         # the shared data module's dataset: memory-mapped Arrow (converted once, then reused)
         t = time.perf_counter()
@@ -697,45 +733,50 @@ def data_bench_main(argv: list[str]) -> None:
         entry["module_open_s"] = time.perf_counter() - t
         # steady state, as after the first pass of an epoch: every page of the mapped file
         # touched once (one byte a page), so neither file pays first-touch page faults below
-        import numpy as np
-
         for column in ds.data.table.columns:
             for chunk in column.chunks:
                 for buf in chunk.buffers():
                     if buf is not None and buf.size:
                         int(np.frombuffer(buf, dtype=np.uint8)[::4096].sum())
-        for i in range(50):  # warm-up
+        for _ in range(50):  # warm-up
             row = ds[rng.randrange(rows)]
             legacy_texts(row["prompt"], row["response"], 512)
-        rss0, anon0 = rss_mb(), _anon_rss_mb()
-        # random rows, in 5 rounds: the best round counts (a round slowed by another process
-        # says nothing about the data module)
-        rounds = []
-        for _ in range(5):
-            idx = [rng.randrange(rows) for _ in range(max(1, spec["module_items"] // 5))]
+        entry["module_per_sample_rounds_s"] = []
+        entries.append(entry)
+        datasets.append(ds)
+    rss0, anon0 = rss_mb(), _anon_rss_mb()
+    # random rows in rounds, the files taking turns round by round (this machine's speed shifts
+    # from one second to the next: both files meet the same shifts); each file's best round
+    # counts (a round slowed by another process says nothing about the data module)
+    per_round = max(1, spec["module_items"] // 5)
+    for r in range(5):
+        for k in (range(len(entries)) if r % 2 == 0 else reversed(range(len(entries)))):
+            ds, rows = datasets[k], entries[k]["rows"]
+            idx = [rng.randrange(rows) for _ in range(per_round)]
             t = time.perf_counter()
             for i in idx:
                 row = ds[i]
                 legacy_texts(row["prompt"], row["response"], 512)
-            rounds.append((time.perf_counter() - t) / len(idx))
-        entry["module_per_sample_s"] = min(rounds)
-        entry["module_per_sample_rounds_s"] = rounds
-        # total RSS grows by the file pages read through the memory map (page cache, shared,
-        # reclaimable: at most the file's size); the process's own (anonymous) memory stays flat
+            entries[k]["module_per_sample_rounds_s"].append((time.perf_counter() - t) / len(idx))
+    # total RSS grows by the file pages read through the memory map (page cache, shared,
+    # reclaimable: at most the file's size); the process's own (anonymous) memory stays flat
+    for entry in entries:
+        entry["module_per_sample_s"] = min(entry["module_per_sample_rounds_s"])
         entry["module_rss_growth_mb"] = rss_mb() - rss0
         entry["module_anon_rss_growth_mb"] = _anon_rss_mb() - anon0
         entry["module_rss_mb"] = rss_mb()
-        del ds
+    del datasets, ds
+    for path, entry in zip(spec["paths"], entries):
         # the legacy low-memory dataset (re-reads the parquet file for every item)
         legacy = LegacyLowMemDataset(path, max_seq_len=512)
         legacy[0]
-        idx = [rng.randrange(rows) for _ in range(spec["legacy_items"])]
+        idx = [rng.randrange(entry["rows"]) for _ in range(spec["legacy_items"])]
         t = time.perf_counter()
         for i in idx:
             legacy[i]
         entry["legacy_per_sample_s"] = (time.perf_counter() - t) / len(idx)
         entry["speedup"] = entry["legacy_per_sample_s"] / max(entry["module_per_sample_s"], 1e-12)
-        results["files"].append(entry)
+    results: dict[str, Any] = {"files": entries}
     with open(argv[1], "w", encoding="utf-8") as f:
         json.dump(results, f)
 
@@ -800,22 +841,15 @@ def wait_until_quiet(max_wait: float, threshold: float = 0.10) -> Optional[float
     return busy
 
 
-def _subprocess(args: list[str], env: dict[str, str], log_path: str, timeout: float) -> tuple[int, float, dict]:
-    """Run ``python ARGS``; returns (exit code, seconds, contention: CPU used by *other* processes)."""
-    busy0, child0 = _cpu_busy_s(), _children_cpu_s()
-    load0 = _load()
-    t = time.perf_counter()
+def _subprocess(args: list[str], env: dict[str, str], log_path: str, timeout: float) -> int:
+    """Run ``python ARGS`` (output to ``log_path``); returns its exit code (-9: timed out)."""
     with open(log_path, "w", encoding="utf-8") as log:
         try:
-            proc = subprocess.run([sys.executable, *args], cwd=REPO, env=env, stdout=log,
-                                  stderr=subprocess.STDOUT, timeout=timeout,
-                                  preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
-            rc = proc.returncode
+            return subprocess.run([sys.executable, *args], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                  timeout=timeout,
+                                  preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None).returncode
         except subprocess.TimeoutExpired:
-            rc = -9
-    wall = time.perf_counter() - t
-    busy1, child1 = _cpu_busy_s(), _children_cpu_s()
-    return rc, wall, _contention(load0, busy0, busy1, child1 - child0, wall)
+            return -9
 
 
 def _contention(load0: Optional[float], busy0: Optional[float], busy1: Optional[float],
@@ -870,8 +904,47 @@ def _child_entry(kind: str, argv: list[str], log_path: str, cpu_path: str) -> No
     os._exit(code)
 
 
+class _Job:
+    """One case process, launched; :meth:`poll` returns its exit code once it has ended."""
+
+    def __init__(self, proc: Any, log: Any = None, cpu_path: Optional[str] = None) -> None:
+        self.proc, self.log, self.cpu_path = proc, log, cpu_path
+        self.rc: Optional[int] = None
+
+    def poll(self) -> Optional[int]:
+        if self.rc is None:
+            rc = self.proc.poll() if isinstance(self.proc, subprocess.Popen) else self.proc.exitcode
+            if rc is not None:
+                self._ended(rc)
+        return self.rc
+
+    def kill(self) -> None:
+        if self.rc is None:
+            self.proc.kill()
+            if isinstance(self.proc, subprocess.Popen):
+                self.proc.wait()
+            else:
+                self.proc.join()
+            self._ended(-9)
+
+    def _ended(self, rc: int) -> None:
+        self.rc = rc
+        if self.log is not None:
+            self.log.close()
+
+    def own_cpu_s(self) -> Optional[float]:
+        """CPU seconds of a forked case (it writes them; a fresh one counts as a child of ours)."""
+        if self.cpu_path is None:
+            return 0.0
+        try:
+            with open(self.cpu_path, encoding="utf-8") as f:
+                return json.load(f)["cpu_s"]
+        except (OSError, ValueError, KeyError):
+            return None
+
+
 class CaseLauncher:
-    """Runs each case in a process of its own, one at a time.
+    """Runs each case in a process of its own: one at a time, or a lockstep pair at once.
 
     Default: a fork server (``multiprocessing`` ``forkserver``) that has imported torch,
     transformers, lightning, datasets, peft and accelerate once, without computing anything
@@ -921,35 +994,55 @@ class CaseLauncher:
             self.ctx = self._started
         return self.ctx
 
-    def run(self, kind: str, argv: list[str], log_path: str, timeout: float,
-            fresh: bool = False) -> tuple[int, float, dict]:
-        """Run ``kind`` (``_case`` / ``_data``) with ``argv``; returns (exit code, seconds, contention).
-        ``fresh``: this one as a new python process whatever the launcher's default."""
+    def _launch(self, kind: str, argv: list[str], log_path: str, fresh: bool) -> _Job:
         if self.fresh or fresh:
-            return _subprocess(["-m", "chatlm.bench", kind, *argv], self.env, log_path, timeout)
+            log = open(log_path, "w", encoding="utf-8")  # noqa: SIM115 - closed by _Job
+            proc = subprocess.Popen([sys.executable, "-m", "chatlm.bench", kind, *argv], cwd=REPO, env=self.env,
+                                    stdout=log, stderr=subprocess.STDOUT,
+                                    preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+            return _Job(proc, log=log)
         ctx = self._context()
         cpu_path = log_path + ".cpu.json"
         if os.path.exists(cpu_path):
             os.unlink(cpu_path)
-        busy0, load0 = _cpu_busy_s(), _load()
-        t = time.perf_counter()
         proc = ctx.Process(target=_child_entry, args=(kind, argv, log_path, cpu_path))
         proc.start()
-        proc.join(timeout)
-        if proc.is_alive():
-            proc.kill()
-            proc.join()
-            rc = -9
-        else:
-            rc = proc.exitcode if proc.exitcode is not None else -1
-        wall = time.perf_counter() - t
+        return _Job(proc, cpu_path=cpu_path)
+
+    def run(self, kind: str, argv: list[str], log_path: str, timeout: float,
+            fresh: bool = False) -> tuple[int, float, dict]:
+        """Run ``kind`` (``_case`` / ``_data``) with ``argv``; returns (exit code, seconds, contention).
+        ``fresh``: this one as a new python process whatever the launcher's default."""
+        return self.run_together([(kind, argv, log_path, fresh)], timeout)[0]
+
+    def run_together(self, jobs: list[tuple[str, list[str], str, bool]], timeout: float,
+                     pair: Optional[BatonPair] = None) -> list[tuple[int, float, dict]]:
+        """Start every ``(kind, argv, log_path, fresh)`` at once and wait for all.
+
+        ``pair``: the two jobs are a lockstep pair; when one ends (or is killed after
+        ``timeout`` s), the other is told so and runs on alone. The contention figure (CPU
+        used by other processes) is that of the whole group; each job's seconds run from the
+        start to its own end."""
+        busy0, load0, kids0 = _cpu_busy_s(), _load(), _children_cpu_s()
+        t = time.perf_counter()
+        running = [self._launch(kind, argv, log, fresh) for kind, argv, log, fresh in jobs]
+        walls: list[float] = [0.0] * len(running)
+        while True:
+            for i, job in enumerate(running):
+                if job.rc is None and (job.poll() is not None or time.perf_counter() - t > timeout):
+                    job.kill()
+                    walls[i] = time.perf_counter() - t
+                    if pair is not None and len(running) == 2 and running[1 - i].rc is None:
+                        pair.release(1 - i)
+            if all(job.rc is not None for job in running):
+                break
+            time.sleep(0.02)
+        wall = max(walls)
         busy1 = _cpu_busy_s()
-        try:
-            with open(cpu_path, encoding="utf-8") as f:
-                own = json.load(f)["cpu_s"]
-        except (OSError, ValueError, KeyError):
-            own = None
-        return rc, wall, _contention(load0, busy0, busy1, own, wall)
+        own = [job.own_cpu_s() for job in running]
+        own_total = None if None in own else sum(own) + _children_cpu_s() - kids0
+        contention = _contention(load0, busy0, busy1, own_total, wall)
+        return [(job.rc, w, dict(contention)) for job, w in zip(running, walls)]
 
 
 def _tail(path: str, n: int = 12) -> str:
@@ -983,8 +1076,8 @@ def _make_llama_dir(out_dir: str, size: str) -> str:
 
 def measure_peak(threads: int, seconds: float, env: dict[str, str], out_dir: str) -> dict[str, Any]:
     out = os.path.join(out_dir, "logs", "peak.json")
-    rc, _, _ = _subprocess(["-m", "chatlm.perf", "peak", "--threads", str(threads), "--seconds", str(seconds),
-                         "--out", out], env, os.path.join(out_dir, "logs", "peak.log"), 300)
+    rc = _subprocess(["-m", "chatlm.perf", "peak", "--threads", str(threads), "--seconds", str(seconds),
+                      "--out", out], env, os.path.join(out_dir, "logs", "peak.log"), 300)
     if rc != 0:
         raise RuntimeError("matmul peak measurement failed:\n" + _tail(os.path.join(out_dir, "logs", "peak.log")))
     with open(out, encoding="utf-8") as f:
@@ -1072,7 +1165,7 @@ class _FlopCache:
 
 def analyse_case(case: Case, res: dict[str, Any], peak: dict[str, Any], flops: _FlopCache,
                  vocab: int) -> dict[str, Any]:
-    from chatlm.perf import timed_window
+    from chatlm.perf import _median, timed_window
 
     win = timed_window(res, case.warmup, flops_of=flops.for_case(case, vocab),
                        from_first_batch=case.time_from_first_batch)
@@ -1097,11 +1190,20 @@ def analyse_case(case: Case, res: dict[str, Any], peak: dict[str, Any], flops: _
         "peak_mb": res.get("peak_mb"),
         "memory_kind": res.get("memory_kind"),
     }
+    # the optimizer's share: its median step inside the median step (where the engines differ)
+    timed_opt = sorted(_timed_optimizer_s(dataclasses.asdict(case), res))
+    out["optimizer_step_s"] = _median(timed_opt) if timed_opt else None
     plan = res.get("plan")
     if plan and res.get("peak_mb"):
         out["plan_mb"] = plan["peak_mb"]
         out["plan_rel_error"] = (plan["peak_mb"] - res["peak_mb"]) / res["peak_mb"]
     return out
+
+
+def _timed_optimizer_s(case: dict[str, Any], raw: dict[str, Any]) -> list[float]:
+    """The optimizer's own seconds of a run's timed steps (those ``timed_window`` times)."""
+    skip = 0 if case.get("time_from_first_batch") else case.get("warmup", 0)
+    return (raw.get("optimizer_s") or [])[skip:]
 
 
 def _rel_curve_diff(a: list[float], b: list[float], n: int) -> dict[str, float]:
@@ -1142,14 +1244,44 @@ def combine_repeats(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, A
         m["achieved_gflops"] *= f
         if m.get("mfu") is not None:
             m["mfu"] *= f
+        opt = sorted(x for _, e in ok for x in _timed_optimizer_s(e["case"], e.get("raw") or {}))
+        m["optimizer_step_s"] = _median(opt) if opt else m.get("optimizer_step_s")
         out[base] = dict(first, metrics=m, combined={"runs": len(ok), "timed_steps": len(steps)},
                          repeats={n: (e["metrics"]["tokens_per_s"] if "metrics" in e else None) for n, e in runs})
     return out
 
 
+def paired_ratio(results: dict[str, dict[str, Any]], a: str, b: str) -> Optional[dict[str, Any]]:
+    """Throughput of ``a`` over ``b`` from their steps taken in turns (lockstep pairs).
+
+    Step k of ``a`` ran next to step k of ``b`` in the same run (``a#2`` next to ``b#2``, ...),
+    so the ratio of their tokens/s cancels the machine's speed at that moment; the median of
+    all runs' per-step ratios counts. None when the cases did not run in turns or have no
+    per-step figures (varying batch shapes)."""
+    from chatlm.perf import _median
+
+    pairs: list[float] = []
+    for name, entry in results.items():
+        base, _, tag = name.partition("#")
+        other_name = b + ("#" + tag if tag else "")
+        other = results.get(other_name)
+        if base != a or not other or entry.get("error") or other.get("error") \
+                or entry.get("lockstep_with") != [other_name]:
+            continue
+        x = entry["metrics"].get("step_tokens_per_s") or []
+        y = other["metrics"].get("step_tokens_per_s") or []
+        pairs += [p / q for p, q in zip(x, y) if q > 0]
+    if not pairs:
+        return None
+    return {"ratio": _median(sorted(pairs)), "pairs": len(pairs), "min": min(pairs), "max": max(pairs)}
+
+
 def compute_ratios(results: dict[str, dict[str, Any]], data: Optional[dict[str, Any]],
                    mode: Mode) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``ratios`` and ``targets`` from the analysed cases (repeated cases: all runs' steps together)."""
+    """``ratios`` and ``targets`` from the analysed cases. Engines that ran in turns: the median
+    of their per-step ratios (:func:`paired_ratio`); otherwise repeated cases count all runs'
+    steps together (:func:`combine_repeats`)."""
+    raw_results = results
     results = combine_repeats(results)
     r: dict[str, Any] = {}
 
@@ -1162,12 +1294,15 @@ def compute_ratios(results: dict[str, dict[str, Any]], data: Optional[dict[str, 
     def ratio(a, b):
         return a / b if a is not None and b else None
 
-    r["main_vs_legacy_tokens_per_s"] = ratio(get("main_legacy_settings", "tokens_per_s"),
-                                             get("legacy_loop", "tokens_per_s"))
-    r["main_vs_hf_trainer_tokens_per_s"] = ratio(get("main_trainer_settings", "tokens_per_s"),
-                                                 get("hf_trainer", "tokens_per_s"))
-    r["main_vs_llamafactory_tokens_per_s"] = ratio(get("main_causal", "tokens_per_s"),
-                                                   get("llamafactory", "tokens_per_s"))
+    for key, a, b in (("main_vs_legacy", "main_legacy_settings", "legacy_loop"),
+                      ("main_vs_hf_trainer", "main_trainer_settings", "hf_trainer"),
+                      ("main_vs_llamafactory", "main_causal", "llamafactory")):
+        paired = paired_ratio(raw_results, a, b)
+        r[f"{key}_tokens_per_s"] = paired["ratio"] if paired else ratio(get(a, "tokens_per_s"),
+                                                                        get(b, "tokens_per_s"))
+        if paired:
+            r[f"{key}_step_pairs"] = paired["pairs"]
+            r[f"{key}_step_ratio_range"] = [round(paired["min"], 3), round(paired["max"], 3)]
     r["lowmem_vs_fp32_peak_rss"] = ratio(get("lowmem_8bit_ckpt", "peak_mb"), get("lowmem_fp32_adamw", "peak_mb"))
     curve_a, curve_b = ("lowmem_curve_8bit_ckpt", "lowmem_curve_fp32_adamw") if mode.lowmem_curve_batch else (
         "lowmem_8bit_ckpt", "lowmem_fp32_adamw")
@@ -1212,9 +1347,11 @@ def compute_ratios(results: dict[str, dict[str, Any]], data: Optional[dict[str, 
     t: dict[str, Any] = {}
     if "main_legacy_settings" in results:
         t["main_vs_legacy"] = target(r["main_vs_legacy_tokens_per_s"], ">=", 1.0,
-                                     "main path tokens/s / legacy loop tokens/s, same settings")
+                                     "main path tokens/s / legacy loop tokens/s, same settings (median of the "
+                                     "steps' ratios, the engines taking turns)")
         t["main_vs_hf_trainer"] = target(r["main_vs_hf_trainer_tokens_per_s"], ">=", 1.0,
-                                         "main path tokens/s / Trainer script tokens/s, same settings")
+                                         "main path tokens/s / Trainer script tokens/s, same settings (median of "
+                                         "the steps' ratios, the engines taking turns)")
     if "lowmem_fp32_adamw" in results:
         t["lowmem_peak_rss"] = target(r["lowmem_vs_fp32_peak_rss"], "<=", 0.6,
                                       "peak RSS of AdamW8bit + checkpointing / fp32 AdamW")
@@ -1232,7 +1369,7 @@ def compute_ratios(results: dict[str, dict[str, Any]], data: Optional[dict[str, 
                                                      "data module per-sample time, 200k-row / 20k-row file")
         t["data_loading_flat_rss"] = target(r["data_module_anon_rss_growth_mb"], "<=", 16.0,
                                             "growth of the process's own memory (anonymous RSS, MiB) while the "
-                                            "data module serves samples of the 200k-row file")
+                                            "data module serves samples of the 20k- and 200k-row files")
     if plan_errors:
         t["plan_accuracy"] = target(r["plan_max_abs_rel_error"], "<=", 0.25,
                                     "largest |plan estimate - measured peak| / measured peak (main-path cases "
@@ -1297,16 +1434,19 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"{_pct((c.get('contention') or {}).get('others_cpu_fraction'))} |")
     combined = {k: c for k, c in combine_repeats(report["cases"]).items() if c.get("combined")}
     if combined:
-        lines += ["", "Cases run several times, alternating (what the ratios use): the median step of all their "
-                  "runs' timed steps.", "",
-                  "| case | runs | timed steps | tokens/s | step (s) | MFU | each run's tokens/s |",
-                  "|---|---:|---:|---:|---:|---:|---|"]
+        lines += ["", "Cases run several times (engines: in turns, the starting engine swapped): the median step of "
+                  "all their runs' timed steps. The engine ratios are the median of the per-step ratios of the "
+                  "engines' steps taken in turns (`*_step_pairs` pairs, range in `*_step_ratio_range`).", "",
+                  "| case | runs | timed steps | tokens/s | step (s) | of which optimizer (s) | MFU | "
+                  "each run's tokens/s |",
+                  "|---|---:|---:|---:|---:|---:|---:|---|"]
         for k, c in combined.items():
             mt = c["metrics"]
             runs = ", ".join(_fmt(v, 0) for v in c["repeats"].values())
             lines.append(f"| {c['case']['label'] or k} | {c['combined']['runs']} | "
                          f"{c['combined']['timed_steps'] or '- (median run)'} | "
                          f"{_fmt(mt['tokens_per_s'], 0)} | {_fmt(mt['step_time_s'], 2)} | "
+                         f"{_fmt(mt.get('optimizer_step_s'), 3)} | "
                          f"{_fmt(100 * mt['mfu'] if mt.get('mfu') is not None else None, 1)}% | {runs} |")
     if report.get("data"):
         lines += ["", "| data file | rows | legacy low-mem dataset (ms/sample) | data module (us/sample) "
@@ -1438,6 +1578,79 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+def lockstep_units(cases: list[Case]) -> list[list[Case]]:
+    """The cases in run order, grouped: adjacent cases with the same ``lockstep`` tag run together."""
+    units: list[list[Case]] = []
+    for case in cases:
+        if units and case.lockstep and units[-1][0].lockstep == case.lockstep:
+            units[-1].append(case)
+        else:
+            units.append([case])
+    return units
+
+
+def run_unit(unit: list[Case], launcher: CaseLauncher, files: dict[str, str], out_dir: str,
+             args: argparse.Namespace, peak: dict[str, Any], flops: "_FlopCache",
+             vocab: int) -> dict[str, dict[str, Any]]:
+    """Run one case, or a lockstep pair taking turns step by step (the first listed starts);
+    returns ``{case name: entry}``."""
+    jobs = []
+    pair = BatonPair(os.path.join(out_dir, "logs")) if len(unit) == 2 else None
+    for i, case in enumerate(unit):
+        run_dir = os.path.join(out_dir, "runs", case.name)
+        shutil.rmtree(run_dir, ignore_errors=True)
+        os.makedirs(run_dir, exist_ok=True)
+        spec_path = os.path.join(run_dir, "spec.json")
+        out_path = os.path.join(out_dir, "logs", f"{case.name}.json")
+        if os.path.exists(out_path):
+            os.unlink(out_path)
+        spec = {"case": dataclasses.asdict(case), "files": files, "run_dir": run_dir, "threads": args.threads,
+                "profile_step": args.profile_step}
+        if pair is not None:
+            spec["baton"] = [*pair.baton_args(i), args.case_timeout]
+        with open(spec_path, "w", encoding="utf-8") as f:
+            json.dump(spec, f)
+        log = os.path.join(out_dir, "logs", f"{case.name}.log")
+        jobs.append(("_case", [spec_path, out_path], log, case.fresh_process))
+    quiet = wait_until_quiet(args.quiet_wait) if args.quiet_wait > 0 else None
+    try:
+        outcomes = launcher.run_together(jobs, args.case_timeout, pair)
+    finally:
+        if pair is not None:
+            pair.close()
+    results: dict[str, dict[str, Any]] = {}
+    for case, job, (rc, secs, contention) in zip(unit, jobs, outcomes):
+        log, out_path, run_dir = job[2], job[1][1], os.path.join(out_dir, "runs", case.name)
+        contention["busy_before"] = quiet
+        entry: dict[str, Any] = {"case": dataclasses.asdict(case), "wall_s": secs, "log": log,
+                                 "contention": contention, "fresh_process": launcher.fresh or case.fresh_process}
+        if len(unit) > 1:
+            entry["lockstep_with"] = [c.name for c in unit if c is not case]
+        if rc != 0 or not os.path.exists(out_path):
+            entry["error"] = f"exit code {rc}: " + _tail(log, 6)
+            print(f"  {case.name:24s} FAILED ({secs:.0f}s): see {log}", flush=True)
+        else:
+            with open(out_path, encoding="utf-8") as f:
+                raw = json.load(f)
+            entry["raw"] = raw
+            try:
+                entry["metrics"] = analyse_case(case, raw, peak, flops, vocab)
+            except Exception as err:  # noqa: BLE001 - one bad case must not lose the others
+                entry["error"] = f"analysis failed: {err}"
+            if "metrics" in entry:
+                mt = entry["metrics"]
+                turns = f", in turns with {entry['lockstep_with'][0]}" if len(unit) > 1 else ""
+                print(f"  {case.name:24s} {mt['tokens_per_s']:9.0f} tok/s {mt['nonpad_tokens_per_s']:9.0f} non-pad"
+                      f"  step {mt['step_time_s']:.3f}s  peak {_fmt(mt['peak_mb'], 0)} MB  MFU "
+                      f"{_fmt(100 * mt['mfu'] if mt['mfu'] is not None else None, 1)}%  ({secs:.0f}s{turns}, "
+                      f"others' CPU {_pct(contention.get('others_cpu_fraction'))})", flush=True)
+        results[case.name] = entry
+        if not args.keep_runs:
+            for sub in ("checkpoints", "out", "lf_data"):
+                shutil.rmtree(os.path.join(run_dir, sub), ignore_errors=True)
+    return results
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "_case":
@@ -1481,45 +1694,8 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     flops = _FlopCache()
     results: dict[str, dict[str, Any]] = {}
-    for case in cases:
-        run_dir = os.path.join(out_dir, "runs", case.name)
-        shutil.rmtree(run_dir, ignore_errors=True)
-        os.makedirs(run_dir, exist_ok=True)
-        spec_path = os.path.join(run_dir, "spec.json")
-        out_path = os.path.join(out_dir, "logs", f"{case.name}.json")
-        if os.path.exists(out_path):
-            os.unlink(out_path)
-        with open(spec_path, "w", encoding="utf-8") as f:
-            json.dump({"case": dataclasses.asdict(case), "files": files, "run_dir": run_dir,
-                       "threads": args.threads, "profile_step": args.profile_step}, f)
-        log = os.path.join(out_dir, "logs", f"{case.name}.log")
-        quiet = wait_until_quiet(args.quiet_wait) if args.quiet_wait > 0 else None
-        rc, secs, contention = launcher.run("_case", [spec_path, out_path], log, args.case_timeout,
-                                            fresh=case.fresh_process)
-        contention["busy_before"] = quiet
-        entry: dict[str, Any] = {"case": dataclasses.asdict(case), "wall_s": secs, "log": log,
-                                 "contention": contention, "fresh_process": launcher.fresh or case.fresh_process}
-        if rc != 0 or not os.path.exists(out_path):
-            entry["error"] = f"exit code {rc}: " + _tail(log, 6)
-            print(f"  {case.name:24s} FAILED ({secs:.0f}s): see {log}", flush=True)
-        else:
-            with open(out_path, encoding="utf-8") as f:
-                raw = json.load(f)
-            entry["raw"] = raw
-            try:
-                entry["metrics"] = analyse_case(case, raw, peak, flops, vocab)
-            except Exception as err:  # noqa: BLE001 - one bad case must not lose the others
-                entry["error"] = f"analysis failed: {err}"
-            if "metrics" in entry:
-                mt = entry["metrics"]
-                print(f"  {case.name:24s} {mt['tokens_per_s']:9.0f} tok/s {mt['nonpad_tokens_per_s']:9.0f} non-pad"
-                      f"  step {mt['step_time_s']:.3f}s  peak {_fmt(mt['peak_mb'], 0)} MB  MFU "
-                      f"{_fmt(100 * mt['mfu'] if mt['mfu'] is not None else None, 1)}%  ({secs:.0f}s, others' CPU "
-                      f"{_pct(contention.get('others_cpu_fraction'))})", flush=True)
-        results[case.name] = entry
-        if not args.keep_runs:
-            for sub in ("checkpoints", "out", "lf_data"):
-                shutil.rmtree(os.path.join(run_dir, sub), ignore_errors=True)
+    for unit in lockstep_units(cases):
+        results.update(run_unit(unit, launcher, files, out_dir, args, peak, flops, vocab))
 
     data = None
     if "data" in args.groups:

@@ -11,7 +11,11 @@ Used by ``python -m src bench`` (:mod:`chatlm.bench`), ``python -m src plan``
   the trainer (padded and non-pad tokens, shape), so tokens/s never depends on an engine's
   own bookkeeping;
 * peak memory is read at each step end: ``ru_maxrss`` (peak RSS of the process) on CPU,
-  ``torch.cuda.max_memory_allocated`` on a GPU.
+  ``torch.cuda.max_memory_allocated`` on a GPU;
+* with a :class:`chatlm.lockstep.Baton`, two processes (two engines being compared) take turns, one
+  optimizer step each: every step of one runs next to a step of the other, so a machine
+  whose speed drifts (other tenants of a shared host) slows both alike. The time a process
+  waits for its turn is taken off its clock.
 
 Model FLOPs are counted by :class:`torch.utils.flop_counter.FlopCounterMode` on one forward +
 backward of the model built on the ``meta`` device (shapes only: no memory, no compute), so
@@ -34,6 +38,8 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
+
+from chatlm.lockstep import Baton
 
 __all__ = [
     "set_threads",
@@ -192,6 +198,9 @@ class StepProbe:
     Seq2seq batches count encoder and decoder tokens: ``seq2seq=True`` says the model is one
     (labels are decoder tokens even when as long as ``input_ids``); None guesses it from the
     shapes (labels shaped unlike ``input_ids``).
+
+    ``baton``: after every optimizer step, hand the CPUs to the partner process and wait for
+    them back (:class:`Baton`); all times are on a clock that stops while waiting.
     """
 
     max_steps: Optional[int] = None
@@ -199,10 +208,13 @@ class StepProbe:
     steps: list[tuple[float, float]] = field(default_factory=list)
     batches: list[dict[str, Any]] = field(default_factory=list)
     rusage: list[tuple[float, float, int]] = field(default_factory=list)  # (user s, system s, minor faults)
+    optimizer_s: list[float] = field(default_factory=list)  # seconds of each optimizer.step(), closure excluded
     t_start: float = 0.0
     first_batch_at: Optional[float] = None
     profile_step: int = 0            # > 0: torch.profiler over optimizer step N (from the end of N-1)
     profile_table: Optional[str] = None
+    baton: Optional[Baton] = None
+    waited: float = 0.0              # seconds spent waiting for the baton (off the clock)
     _handles: list[Any] = field(default_factory=list)
     _orig_next: Any = None
     _profiler: Any = None
@@ -219,12 +231,37 @@ class StepProbe:
             self.profile_table = avg.table(sort_by="self_cpu_time_total", row_limit=40)
             self._profiler = None
 
+    def now(self) -> float:
+        """``time.perf_counter()`` less the time spent waiting for the baton."""
+        return time.perf_counter() - self.waited
+
     def install(self) -> "StepProbe":
-        from torch.optim.optimizer import register_optimizer_step_post_hook
+        from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
         from torch.utils.data import dataloader
 
-        self.t_start = time.perf_counter()
+        self.t_start = self.now()
         on_gpu = torch.cuda.is_available()
+        in_step = [0.0, 0.0]  # (when optimizer.step() began, seconds spent inside its closure)
+
+        def timed(closure):
+            def run_closure(*a, **k):
+                t = self.now()
+                try:
+                    return closure(*a, **k)
+                finally:
+                    in_step[1] += self.now() - t
+            return run_closure
+
+        def before_step(optimizer, args, kwargs):
+            if on_gpu:
+                torch.cuda.synchronize()
+            in_step[:] = [self.now(), 0.0]
+            # a closure (Lightning passes forward + backward as one) is not the optimizer's own time
+            if callable(kwargs.get("closure")):
+                return args, dict(kwargs, closure=timed(kwargs["closure"]))
+            if len(args) > 1 and callable(args[1]):  # args[0] is the optimizer itself
+                return (args[0], timed(args[1]), *args[2:]), kwargs
+            return None
 
         def after_step(optimizer, args, kwargs) -> None:
             if on_gpu:
@@ -232,12 +269,17 @@ class StepProbe:
                 mem = torch.cuda.max_memory_allocated() / 2**20
             else:
                 mem = peak_rss_mb()
-            self.steps.append((time.perf_counter(), mem))
+            end = self.now()
+            self.optimizer_s.append(end - in_step[0] - in_step[1])
+            self.steps.append((end, mem))
             ru = resource.getrusage(resource.RUSAGE_SELF)
             self.rusage.append((ru.ru_utime, ru.ru_stime, ru.ru_minflt))
             if self.profile_step:
                 self._profile_hook(len(self.steps))
+            if self.baton is not None:
+                self.waited += self.baton.hand_over()
 
+        self._handles.append(register_optimizer_step_pre_hook(before_step))
         self._handles.append(register_optimizer_step_post_hook(after_step))
         base = dataloader._BaseDataLoaderIter
         orig = base.__next__
@@ -264,7 +306,7 @@ class StepProbe:
 
     def _record(self, batch: Any) -> None:
         if self.first_batch_at is None:
-            self.first_batch_at = time.perf_counter()
+            self.first_batch_at = self.now()
         if not isinstance(batch, Mapping) or "input_ids" not in batch:  # dict, BatchEncoding, ...
             self.batches.append({"tokens": 0, "nonpad": 0, "shape": None})
             return
@@ -291,6 +333,7 @@ class StepProbe:
             "batches": self.batches,
             # per step: CPU seconds in user / kernel mode and minor page faults (cumulative)
             "step_rusage": [[round(u, 4), round(k, 4), f] for u, k, f in self.rusage],
+            "optimizer_s": [round(x, 5) for x in self.optimizer_s],
             "profile": self.profile_table,
         }
 
