@@ -5,7 +5,6 @@ Loss-curve parity with the main path is in tests/test_parity_hf_trainer.py.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import json
 import os

@@ -27,7 +27,7 @@ import sys
 import pytest
 
 from helpers import REPO, read_jsonl
-from test_legacy_low_mem import SCRIPT, TINY, env, legacy, paths, state_dict, tokenizer_dir, write_rows
+from test_legacy_low_mem import TINY, env, legacy, paths, state_dict, tokenizer_dir, write_rows
 
 REL = 1e-5
 MAIN_CPU = ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.enable_progress_bar", "false",

@@ -5,7 +5,6 @@ best checkpoint is never deleted; checkpoints never run code when loaded."""
 from __future__ import annotations
 
 import errno
-import io
 import json
 import os
 import re

@@ -20,7 +20,6 @@ import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
-import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 

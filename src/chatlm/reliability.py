@@ -25,7 +25,6 @@ What this module adds to every ``fit`` (wired in by :class:`chatlm.cli.ChatLMCLI
 from __future__ import annotations
 
 import errno
-import math
 import os
 import pickle
 import random
