@@ -901,7 +901,9 @@ def _child_entry(kind: str, argv: list[str], log_path: str, cpu_path: str) -> No
         kids = resource.getrusage(resource.RUSAGE_CHILDREN)
         with open(cpu_path, "w", encoding="utf-8") as f:
             json.dump({"cpu_s": own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime}, f)
-    os._exit(code)
+    # multiprocessing's exit path (not os._exit): it runs the finalizers that unregister the
+    # semaphores a case made (tqdm's lock, ...), or the resource tracker reports them as leaked
+    sys.exit(code)
 
 
 class _Job:
