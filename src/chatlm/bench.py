@@ -841,14 +841,21 @@ def wait_until_quiet(max_wait: float, threshold: float = 0.10) -> Optional[float
     return busy
 
 
+def _start_python(args: list[str], env: dict[str, str], log: Any) -> subprocess.Popen:
+    """Start ``python ARGS`` in the repo root, its output to the open file ``log``; it dies with us."""
+    return subprocess.Popen([sys.executable, *args], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+
+
 def _subprocess(args: list[str], env: dict[str, str], log_path: str, timeout: float) -> int:
     """Run ``python ARGS`` (output to ``log_path``); returns its exit code (-9: timed out)."""
     with open(log_path, "w", encoding="utf-8") as log:
+        proc = _start_python(args, env, log)
         try:
-            return subprocess.run([sys.executable, *args], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                  timeout=timeout,
-                                  preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None).returncode
+            return proc.wait(timeout)
         except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
             return -9
 
 
@@ -999,10 +1006,7 @@ class CaseLauncher:
     def _launch(self, kind: str, argv: list[str], log_path: str, fresh: bool) -> _Job:
         if self.fresh or fresh:
             log = open(log_path, "w", encoding="utf-8")  # noqa: SIM115 - closed by _Job
-            proc = subprocess.Popen([sys.executable, "-m", "chatlm.bench", kind, *argv], cwd=REPO, env=self.env,
-                                    stdout=log, stderr=subprocess.STDOUT,
-                                    preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
-            return _Job(proc, log=log)
+            return _Job(_start_python(["-m", "chatlm.bench", kind, *argv], self.env, log), log=log)
         ctx = self._context()
         cpu_path = log_path + ".cpu.json"
         if os.path.exists(cpu_path):
@@ -1031,11 +1035,15 @@ class CaseLauncher:
         walls: list[float] = [0.0] * len(running)
         while True:
             for i, job in enumerate(running):
-                if job.rc is None and (job.poll() is not None or time.perf_counter() - t > timeout):
+                if job.rc is not None:
+                    continue
+                if job.poll() is None:  # still running
+                    if time.perf_counter() - t <= timeout:
+                        continue
                     job.kill()
-                    walls[i] = time.perf_counter() - t
-                    if pair is not None and len(running) == 2 and running[1 - i].rc is None:
-                        pair.release(1 - i)
+                walls[i] = time.perf_counter() - t
+                if pair is not None and len(running) == 2 and running[1 - i].rc is None:
+                    pair.release(1 - i)
             if all(job.rc is not None for job in running):
                 break
             time.sleep(0.02)
@@ -1193,7 +1201,7 @@ def analyse_case(case: Case, res: dict[str, Any], peak: dict[str, Any], flops: _
         "memory_kind": res.get("memory_kind"),
     }
     # the optimizer's share: its median step inside the median step (where the engines differ)
-    timed_opt = sorted(_timed_optimizer_s(dataclasses.asdict(case), res))
+    timed_opt = _timed_optimizer_s(dataclasses.asdict(case), res)
     out["optimizer_step_s"] = _median(timed_opt) if timed_opt else None
     plan = res.get("plan")
     if plan and res.get("peak_mb"):
@@ -1235,8 +1243,8 @@ def combine_repeats(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, A
         if len(runs) == 1:
             out[base] = ok[0][1]
             continue
-        steps = sorted(x for _, e in ok for x in (e["metrics"].get("step_tokens_per_s") or []))
-        pooled = _median(steps) if steps else _median(sorted(e["metrics"]["tokens_per_s"] for _, e in ok))
+        steps = [x for _, e in ok for x in (e["metrics"].get("step_tokens_per_s") or [])]
+        pooled = _median(steps) if steps else _median(e["metrics"]["tokens_per_s"] for _, e in ok)
         first = ok[0][1]
         m = dict(first["metrics"])
         f = pooled / m["tokens_per_s"] if m["tokens_per_s"] else 1.0
@@ -1246,7 +1254,7 @@ def combine_repeats(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, A
         m["achieved_gflops"] *= f
         if m.get("mfu") is not None:
             m["mfu"] *= f
-        opt = sorted(x for _, e in ok for x in _timed_optimizer_s(e["case"], e.get("raw") or {}))
+        opt = [x for _, e in ok for x in _timed_optimizer_s(e["case"], e.get("raw") or {})]
         m["optimizer_step_s"] = _median(opt) if opt else m.get("optimizer_step_s")
         out[base] = dict(first, metrics=m, combined={"runs": len(ok), "timed_steps": len(steps)},
                          repeats={n: (e["metrics"]["tokens_per_s"] if "metrics" in e else None) for n, e in runs})
@@ -1275,7 +1283,7 @@ def paired_ratio(results: dict[str, dict[str, Any]], a: str, b: str) -> Optional
         pairs += [p / q for p, q in zip(x, y) if q > 0]
     if not pairs:
         return None
-    return {"ratio": _median(sorted(pairs)), "pairs": len(pairs), "min": min(pairs), "max": max(pairs)}
+    return {"ratio": _median(pairs), "pairs": len(pairs), "min": min(pairs), "max": max(pairs)}
 
 
 def compute_ratios(results: dict[str, dict[str, Any]], data: Optional[dict[str, Any]],

@@ -373,12 +373,11 @@ def timed_window(result: dict[str, Any], warmup: int, accumulation: int = 1,
     diffs = [b - a for a, b in zip([start] + timed[:-1], timed)]
     per_step = [sum(x["tokens"] for x in batches[i * accumulation:(i + 1) * accumulation]) / d
                 for i, d in enumerate(diffs) if d > 0]
-    diffs = sorted(diffs)
     out = {
         "steps": len(timed),
         "seconds": seconds,
         "step_time_s": _median(diffs),
-        "median_step_tokens_per_s": _median(sorted(per_step)) if per_step else 0.0,
+        "median_step_tokens_per_s": _median(per_step),
         "step_tokens_per_s": per_step,
         "tokens": tokens,
         "nonpad_tokens": nonpad,
@@ -393,7 +392,9 @@ def timed_window(result: dict[str, Any], warmup: int, accumulation: int = 1,
     return out
 
 
-def _median(xs: list[float]) -> float:
+def _median(values: Any) -> float:
+    """The median of ``values`` (any order); 0.0 when empty."""
+    xs = sorted(values)
     n = len(xs)
     return (xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])) if n else 0.0
 
