@@ -72,7 +72,6 @@ from legacy.config import (
     TrainConfigSFT,
     TrainConfigSFTFast,
     TrainConfigSFTSmall,
-    TrainConfigSFTUltra,
 )
 
 #: Written beside accelerate's files in ``train_state_dir``: where to resume.
@@ -94,15 +93,15 @@ Deviations of legacy/train_low_mem.py from the original train_low_mem.py (and wh
     "ultra low memory" mode (re-reading the parquet for every item, O(rows) per item) is
     gone: every mode now reads the memory-mapped file. The low-memory knobs (RAM < 10 GB:
     accumulation 4, no workers, no pin_memory) are kept; --adaptive_memory=False turns them off.
- 3. Tokenizer: chatlm.tokenizer.load_tokenizer (AutoTokenizer), not the T5Tokenizer ->
+ 3. Tokenizer: chatlm.data.tokenizer.load_tokenizer (AutoTokenizer), not the T5Tokenizer ->
     AutoTokenizer -> PreTrainedTokenizerFast fallback chain (T5Tokenizer refuses the
     byte-level BPE tokenizers anyway).
- 4. Model: chatlm.models.build_model("t5", ...) = plain T5ForConditionalGeneration with the same
+ 4. Model: chatlm.model.build.build_model("t5", ...) = plain T5ForConditionalGeneration with the same
     config (same state-dict keys; the original subclass only added my_generate). The
     T5ModelConfig fields and dropout_rate can be overridden by flags (the original had none).
-    Fine-tuning loads the checkpoint with chatlm.models.load_model (weights_only=True).
+    Fine-tuning loads the checkpoint with chatlm.model.load.load_model (weights_only=True).
  5. Optimizer: Transformers' Adafactor(lr=None, relative_step=True, scale_parameter=True,
-    warmup_init=False) via chatlm.optim ("adafactor_legacy"): bit-identical to
+    warmup_init=False) via chatlm.model.optim ("adafactor_legacy"): bit-identical to
     torch_optimizer.Adafactor's defaults, no torch_optimizer dependency.
  6. Resume (--is_keep_training=True): the original restarted at epoch 0, step 0 with best
     BLEU-4 reset (it repeated the finished part of the epoch). The shim saves its position
@@ -118,14 +117,14 @@ Deviations of legacy/train_low_mem.py from the original train_low_mem.py (and wh
     TTY (else it saves without asking), saves train_state_dir and exits. A second Ctrl+C
     stops at once.
  8. Printing: the NCCL line and the `old -> new` override lines go to stderr (stdout stays
-    clean for --print_lightning_config). losses.jsonl in output_dir (chatlm.losslog format, one row per optimizer step: mean of
+    clean for --print_lightning_config). losses.jsonl in output_dir (chatlm.train.losslog format, one row per optimizer step: mean of
     the window's micro-batch CE losses, each a token mean over all processes; lr used by the
     step). The text log goes to output_dir/train_low_mem.log (main process only).
  9. Validation shards each global batch of 2*b*N rows over the N processes
     (ShardedBatchSampler, no shuffle) instead of accelerate's round-robin of whole batches:
-    the same first floor(len/(N*2b))*N*2b rows are scored. Generation uses chatlm.generation's
+    the same first floor(len/(N*2b))*N*2b rows are scored. Generation uses chatlm.infer.generation's
     greedy preset; references and outputs are stripped of surrounding whitespace as in the
-    main path. BLEU-4 is chatlm.metrics.bleu4 (legacy-exact).
+    main path. BLEU-4 is chatlm.infer.metrics.bleu4 (legacy-exact).
 10. test: evaluates test_file by default; the original evaluated the train file [defect]
     (--use_train_file=True restores that). Its flags also accept config/model overrides.
 11. pin_memory only when CUDA is available (it does nothing, with a warning, on CPU).
@@ -271,7 +270,7 @@ def free_disk_gb(path: str) -> float:
 
 
 def write_progress(train_state_dir: str, progress: dict) -> None:
-    from chatlm.io import atomic_write_text
+    from chatlm.util.files import atomic_write_text
 
     atomic_write_text(os.path.join(train_state_dir, PROGRESS_FILE), json.dumps(progress, indent=2) + '\n')
 
@@ -418,7 +417,7 @@ def lightning_config(train_config: Any, model_config: T5ModelConfig, is_finetune
         ('div_factor', float(tc.div_factor), None),
     ]
     if n_train is not None:
-        from chatlm.optim import legacy_onecycle_total_steps
+        from chatlm.model.optim import legacy_onecycle_total_steps
 
         model.append(('scheduler_total_steps', legacy_onecycle_total_steps(n_train, batch, acc, int(tc.epochs)),
                       'epochs * ceil(len(train) / (batch * acc))'))
@@ -596,10 +595,11 @@ class TrainLowMem:
         from chatlm.data.collate import Seq2SeqCollator
         from chatlm.data.sampling import ShardedBatchSampler
         from chatlm.data.sources import load_prompt_response
-        from chatlm.losslog import LossLogWriter
-        from chatlm.models import build_model, freeze_modules, load_model
-        from chatlm.optim import build_optimizer, build_scheduler, legacy_onecycle_total_steps
-        from chatlm.tokenizer import load_tokenizer
+        from chatlm.train.losslog import LossLogWriter
+        from chatlm.model.build import build_model, freeze_modules
+        from chatlm.model.load import load_model
+        from chatlm.model.optim import build_optimizer, build_scheduler, legacy_onecycle_total_steps
+        from chatlm.data.tokenizer import load_tokenizer
 
         save_steps = int(train_config.save_steps)
         logging_steps = int(train_config.logging_steps)
@@ -879,8 +879,8 @@ class TrainLowMem:
     def evaluate(self, model, tokenizer, valid_dataloader, accelerator, eval_steps: int, max_seq_len: int,
                  preset: str = 'greedy') -> float:
         """Average BLEU-4 of generated answers over ``eval_steps`` batches of every process."""
-        from chatlm.generation import generate_answers
-        from chatlm.metrics import bleu4
+        from chatlm.infer.generation import generate_answers
+        from chatlm.infer.metrics import bleu4
 
         unwrapped = accelerator.unwrap_model(model)
         local_sum, local_cnt = 0.0, 0
@@ -913,8 +913,8 @@ class TrainLowMem:
         from chatlm.data.collate import Seq2SeqCollator
         from chatlm.data.sampling import ShardedBatchSampler
         from chatlm.data.sources import load_prompt_response
-        from chatlm.models import load_model
-        from chatlm.tokenizer import load_tokenizer
+        from chatlm.model.load import load_model
+        from chatlm.data.tokenizer import load_tokenizer
 
         train_config = TrainConfigSFTSmall() if use_small_config else TrainConfigSFT()
         model_config = T5ModelConfig()

@@ -16,7 +16,7 @@ Data goes through :mod:`chatlm.data`: ``--train_file`` / ``--validation_file`` a
 ``DIR/dataset_info.json#NAME``; ``prompt``/``response`` or ``input``/``target`` columns) and
 exported as parquet into ``--dataset_dir`` beside the ``dataset_info.json`` that points
 LLaMA-Factory at them. ``OUTPUT_DIR/losses.jsonl`` is written in the format of
-:mod:`chatlm.losslog` (one row per optimizer step: the mean of the micro-batch CE token
+:mod:`chatlm.train.losslog` (one row per optimizer step: the mean of the micro-batch CE token
 means of the window, each over all processes, and the lr of that step), so the curve can be
 compared with the main path (``tests/test_parity_llamafactory.py``).
 ``--print_lightning_config`` prints the equivalent ``python -m src fit`` YAML
@@ -335,7 +335,8 @@ def config_yaml(cfg: dict[str, Any], config_file: str, argv: list[str]) -> str:
 
 # ----------------------------------------------------------------------------- data export
 def _source_token(path: str, kind: str) -> str:
-    from chatlm.data.sources import DataError, split_dataset_info_path
+    from chatlm.data.sources import split_dataset_info_path
+    from chatlm.errors import DataError
 
     file_part, name = split_dataset_info_path(path)
     if not os.path.isfile(file_part):
@@ -386,7 +387,7 @@ def write_inputs(args: argparse.Namespace, cfg: dict[str, Any], argv: list[str])
     """
     import pyarrow.parquet as pq
 
-    from chatlm.io import atomic_write_text
+    from chatlm.util.files import atomic_write_text
 
     files = [(args.train_file, dataset_info(args)[args.dataset]["file_name"])]
     if args.validation_file and cfg.get("do_eval"):
@@ -554,7 +555,7 @@ def make_loss_log_callback():
             if model is not None and self.handle is None:
                 self.handle = model.register_forward_hook(self._hook, with_kwargs=True)
             if state.is_world_process_zero:
-                from chatlm.losslog import LossLogWriter
+                from chatlm.train.losslog import LossLogWriter
 
                 os.makedirs(args.output_dir, exist_ok=True)
                 self.writer = LossLogWriter(args.output_dir, resume_from_step=state.global_step)
@@ -752,7 +753,7 @@ def main(argv: list[str] | None = None) -> int:
     for note in notes:
         _note(note)
     warn_if_seq2seq(args.model_name_or_path, args.stage)
-    from chatlm.data.sources import DataError
+    from chatlm.errors import DataError
 
     model = args.model_name_or_path
     if model.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(model)):

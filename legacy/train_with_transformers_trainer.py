@@ -9,7 +9,7 @@ the ChatLM-mini-Chinese project): three argument dataclasses parsed by
 ``HfArgumentParser`` with the original defaults, a ``Trainer``, then save / log / evaluate.
 It reads its data through :mod:`chatlm.data` (the same rows, order and batches as the
 main path ``python -m src fit``) and writes ``OUTPUT_DIR/losses.jsonl`` in the format of
-:mod:`chatlm.losslog`, so its loss curve can be compared step by step with the main path
+:mod:`chatlm.train.losslog`, so its loss curve can be compared step by step with the main path
 (``tests/test_parity_hf_trainer.py``). To move to the main path, print the equivalent
 Lightning config: ``--print_lightning_config`` (``configs/legacy/hf_trainer.yaml`` is the
 one for the defaults).
@@ -23,7 +23,7 @@ What changed from the original, and why (docs: ``legacy-spec.md`` section 2):
   with bf16); elsewhere it falls back to fp32 with a note (transformers refuses bf16 on a
   machine without such a GPU). Without a validation file, or with
   ``--eval_strategy no``, evaluation and ``load_best_model_at_end`` are turned off.
-* The tokenizer loads through ``chatlm.tokenizer.load_tokenizer`` (``T5Tokenizer`` raises on
+* The tokenizer loads through ``chatlm.data.tokenizer.load_tokenizer`` (``T5Tokenizer`` raises on
   the project's byte-level BPE tokenizer in transformers 5.x).
 * Data: ``chatlm.data.sources.load_prompt_response`` reads parquet / JSON lines /
   ``dataset_info.json#NAME`` with either ``prompt``/``response`` (the project's files) or
@@ -62,7 +62,7 @@ What changed from the original, and why (docs: ``legacy-spec.md`` section 2):
   means (the main path's default).
 * New, for tests and migration: ``--init_from_scratch`` (or an empty
   ``--model_name_or_path``) builds a fresh T5 from the size flags with
-  ``chatlm.models.build_model`` after ``transformers.set_seed(seed)`` (the main path's
+  ``chatlm.model.build.build_model`` after ``transformers.set_seed(seed)`` (the main path's
   ``seed_everything(seed)`` + the same builder: identical initial weights);
   ``OUTPUT_DIR/losses.jsonl``; ``--print_lightning_config``; ``--batch_log_file``.
 """
@@ -392,7 +392,7 @@ class LossLogCallback(TrainerCallback):
 
     ``loss`` = mean over the window's micro-batches of each micro-batch's CE token mean over
     all processes; ``lr`` = the learning rate that optimizer step used. Same format and
-    meaning as the main path's ``chatlm.callbacks.LossLog``.
+    meaning as the main path's ``chatlm.train.callbacks.LossLog``.
     """
 
     def __init__(self, trainer: LegacySeq2SeqTrainer) -> None:
@@ -403,7 +403,7 @@ class LossLogCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         self.trainer.window = []
         if state.is_world_process_zero:
-            from chatlm.losslog import LossLogWriter
+            from chatlm.train.losslog import LossLogWriter
 
             os.makedirs(args.output_dir, exist_ok=True)
             self.writer = LossLogWriter(args.output_dir, resume_from_step=state.global_step)
@@ -578,7 +578,8 @@ def print_environment(args: TrainingArguments) -> None:
 
 def build_model(model_args: ModelArguments, tokenizer, seed: int):
     """Load --model_name_or_path, or build a fresh T5 after set_seed(seed) (as the main path)."""
-    from chatlm.models import build_model as chatlm_build_model, load_model
+    from chatlm.model.build import build_model as chatlm_build_model
+    from chatlm.model.load import load_model
 
     if model_args.from_scratch:
         set_seed(seed)
@@ -635,7 +636,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     print_environment(training_args)
 
     from chatlm.data.sources import load_prompt_response
-    from chatlm.tokenizer import load_tokenizer
+    from chatlm.data.tokenizer import load_tokenizer
 
     tokenizer_path = model_args.tokenizer_name_or_path or model_args.model_name_or_path
     if not tokenizer_path:

@@ -9,7 +9,6 @@ directory) and ``subprocess_env`` (environment for child processes that import c
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -20,20 +19,7 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
-ROOT = Path(__file__).resolve().parents[1]
-SRC = ROOT / "src"
-if str(SRC) not in sys.path:  # works without `pip install -e .`
-    sys.path.insert(0, str(SRC))
-
-
-def write_parquet(path: str | os.PathLike, rows: Sequence[dict], schema=None) -> str:
-    """Write a list of row dicts to ``path`` as parquet and return the path."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    table = pa.Table.from_pylist(list(rows), schema=schema)
-    pq.write_table(table, str(path))
-    return str(path)
+from helpers import SRC, write_parquet  # noqa: E402 - helpers puts src/ on sys.path
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -54,7 +40,7 @@ def tiny_tokenizer_dir() -> str:
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_tokenizer_dir: str):
     """The bundled sample tokenizer, loaded once per session."""
-    from chatlm.tokenizer import load_tokenizer
+    from chatlm.data.tokenizer import load_tokenizer
 
     return load_tokenizer(tiny_tokenizer_dir)
 

@@ -17,7 +17,8 @@ from chatlm.data.collate import (
 )
 from chatlm.data.formatting import EOS_TEXT, legacy_texts
 from chatlm.data.sampling import ResumableDataLoader, ShardedBatchSampler, epoch_batches
-from chatlm.data.sources import DataError, load_prompt_response, load_text
+from chatlm.data.sources import load_prompt_response, load_text
+from chatlm.errors import DataError
 
 if TYPE_CHECKING:
     from chatlm.data.datamodule import ChatDataModule

@@ -22,7 +22,7 @@ from chatlm.data.formatting import (
     legacy_texts,
     text_ids,
 )
-from chatlm.data.sources import DataError
+from chatlm.errors import DataError
 
 __all__ = [
     "IGNORE_INDEX",

@@ -20,13 +20,9 @@ from torch.utils.data import DataLoader
 from chatlm.data.collate import make_collator
 from chatlm.data.sample import sample_file, sample_tokenizer_dir
 from chatlm.data.sampling import ResumableDataLoader, ShardedBatchSampler
-from chatlm.data.sources import (
-    DataError,
-    load_prompt_response,
-    load_text,
-    split_dataset_info_path,
-)
-from chatlm.tokenizer import load_tokenizer
+from chatlm.data.sources import load_prompt_response, load_text, split_dataset_info_path
+from chatlm.data.tokenizer import load_tokenizer
+from chatlm.errors import DataError
 
 __all__ = ["ChatDataModule"]
 

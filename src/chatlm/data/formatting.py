@@ -19,7 +19,7 @@ from typing import Literal
 
 from transformers import PreTrainedTokenizerBase
 
-from chatlm.data.sources import DataError
+from chatlm.errors import DataError
 
 __all__ = [
     "DEFAULT_CHAT_TEMPLATE",
@@ -38,7 +38,7 @@ __all__ = [
 EOS_TEXT = "[EOS]"
 #: Between prompt and response in the ``causal`` ("plain") layout.
 PLAIN_SEPARATOR = "\n"
-#: Chat template written into tokenizers trained by :mod:`chatlm.tokenizer`: user / assistant
+#: Chat template written into tokenizers trained by :mod:`chatlm.data.tokenizer`: user / assistant
 #: turns, eos after each assistant turn, ``<|assistant|>`` line as the generation prompt.
 DEFAULT_CHAT_TEMPLATE = (
     "{% for message in messages %}"

@@ -36,7 +36,7 @@ import datasets
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from chatlm.data.sources import DataError
+from chatlm.errors import DataError
 
 __all__ = [
     "LF_TEMPLATES",

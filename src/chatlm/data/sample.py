@@ -136,7 +136,7 @@ def write_sample(
         os.replace(tmp, path)
         written[split] = path
     if tokenizer:
-        from chatlm.tokenizer import train_tokenizer
+        from chatlm.data.tokenizer import train_tokenizer
 
         written["tokenizer"] = os.path.join(out_dir, "tokenizer")
         train_tokenizer([written["train"]], TOKENIZER_VOCAB_SIZE, written["tokenizer"])

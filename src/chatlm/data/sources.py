@@ -26,6 +26,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from chatlm.errors import DataError
+from chatlm.util.text import one_line
+
 __all__ = [
     "DataError",
     "default_cache_dir",
@@ -44,10 +47,6 @@ _JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
 _TEXT_SUFFIXES = (".txt",)
 #: Legacy column pairs tried when the requested prompt/response columns are absent.
 _FALLBACK_PAIRS = (("input", "target"), ("prompt", "response"))
-
-
-class DataError(ValueError):
-    """A data file or data argument the user must fix; the message is one line naming it."""
 
 
 def default_cache_dir() -> str:
@@ -139,7 +138,7 @@ def iter_text_batches(path: str, columns: Sequence[str]) -> Iterator[pa.RecordBa
             arrays = [_as_string(batch.column(c), path, c) for c in columns]
             yield pa.RecordBatch.from_arrays(arrays, names=list(columns))
     except (pa.ArrowException, OSError) as err:
-        raise DataError(f"{path}: cannot read ({_one_line(err)})") from None
+        raise DataError(f"{path}: cannot read ({one_line(err, 160)})") from None
 
 
 # ----------------------------------------------------------------------------- column mapping
@@ -180,7 +179,7 @@ def _as_string(array: pa.Array | pa.ChunkedArray, label: str, column: str) -> pa
     try:
         out.validate(full=True)  # string columns written by other tools may hold invalid UTF-8
     except pa.ArrowInvalid as err:
-        raise DataError(f"{label}: column {column!r} is not valid UTF-8 text ({_one_line(err)})") from None
+        raise DataError(f"{label}: column {column!r} is not valid UTF-8 text ({one_line(err, 160)})") from None
     return out
 
 
@@ -203,7 +202,7 @@ def _resolve_dataset_info(json_path: str, name: str) -> tuple[str, dict[str, _Co
         with open(json_path, encoding="utf-8") as f:
             info = json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise DataError(f"{json_path}: not a readable dataset_info.json ({_one_line(err)})") from None
+        raise DataError(f"{json_path}: not a readable dataset_info.json ({one_line(err, 160)})") from None
     if not isinstance(info, dict):
         raise DataError(f"{json_path}: expected a JSON object of datasets, got {type(info).__name__}")
     if name not in info:
@@ -258,16 +257,12 @@ def _kind(path: str) -> str:
     raise DataError(f"{path}: unsupported file type; use .parquet, .jsonl, .json, .txt or dataset_info.json#NAME")
 
 
-def _one_line(err: BaseException) -> str:
-    return " ".join(str(err).split())[:300] or type(err).__name__
-
-
 def _parquet_file(path: str) -> pq.ParquetFile:
     """Open a parquet file for streaming: buffered reads, no pre-buffering of whole row groups."""
     try:
         return pq.ParquetFile(path, memory_map=False, pre_buffer=False, buffer_size=1 << 20)
     except (pa.ArrowException, OSError) as err:
-        raise DataError(f"{path}: not a readable parquet file ({_one_line(err)})") from None
+        raise DataError(f"{path}: not a readable parquet file ({one_line(err, 160)})") from None
 
 
 def source_columns(path: str) -> list[str]:
@@ -321,11 +316,11 @@ def _iter_json_rows(path: str, max_rows: int | None = None) -> Iterator[list[dic
             if chunk:
                 yield chunk
     except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not UTF-8 text ({_one_line(err)})") from None
+        raise DataError(f"{path}: not UTF-8 text ({one_line(err, 160)})") from None
     except json.JSONDecodeError as err:
         raise DataError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
     except OSError as err:
-        raise DataError(f"{path}: cannot read ({_one_line(err)})") from None
+        raise DataError(f"{path}: cannot read ({one_line(err, 160)})") from None
 
 
 def _check_rows(path: str, rows: Any, lineno: int) -> None:
@@ -364,7 +359,7 @@ def _text_batches(path: str) -> Iterator[pa.RecordBatch]:
             if chunk:
                 yield pa.RecordBatch.from_arrays([pa.array(chunk, type=pa.string())], names=["text"])
     except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not UTF-8 text ({_one_line(err)})") from None
+        raise DataError(f"{path}: not UTF-8 text ({one_line(err, 160)})") from None
 
 
 def _source_batches(path: str, sources: list[str], text_lines: bool) -> Iterator[pa.RecordBatch]:
@@ -402,7 +397,7 @@ def _convert(
     try:
         ds = datasets.Dataset.from_file(target)
     except (pa.ArrowException, OSError) as err:
-        raise DataError(f"{label}: cannot open its Arrow cache {target} ({_one_line(err)})") from None
+        raise DataError(f"{label}: cannot open its Arrow cache {target} ({one_line(err, 160)})") from None
     if len(ds) == 0:
         raise DataError(f"{label}: no rows")
     for name in ("response", "text"):  # the column the loss is computed on
@@ -425,7 +420,7 @@ def _write_arrow(
         os.makedirs(directory, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".arrow", dir=directory)
     except OSError as err:
-        raise DataError(f"{label}: cannot write the Arrow cache in {directory} ({_one_line(err)})") from None
+        raise DataError(f"{label}: cannot write the Arrow cache in {directory} ({one_line(err, 160)})") from None
     try:
         with os.fdopen(fd, "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
             for batch in batches:
@@ -437,7 +432,7 @@ def _write_arrow(
         raise
     except (pa.ArrowException, OSError, KeyError) as err:
         _unlink(tmp)
-        raise DataError(f"{label}: cannot read ({_one_line(err)})") from None
+        raise DataError(f"{label}: cannot read ({one_line(err, 160)})") from None
     except BaseException:
         _unlink(tmp)
         raise
