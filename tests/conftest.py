@@ -75,3 +75,24 @@ def subprocess_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(SRC), env.get("PYTHONPATH", "")) if p)
     return env
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run directory of the embedded default, trained as ``make demo`` trains it (``hf/``,
+    ``checkpoints/last.ckpt``, ``summary.json``): once per test session, a few minutes on 2 cores.
+
+    For development, ``CHATLM_TEST_DEMO_RUN=DIR`` reuses a finished demo run directory instead
+    (``python -m src fit --config configs/demo.yaml --trainer.default_root_dir DIR``).
+    """
+    reuse = os.environ.get("CHATLM_TEST_DEMO_RUN")
+    if reuse:
+        run = Path(reuse)
+        assert (run / "hf" / "config.json").is_file(), f"CHATLM_TEST_DEMO_RUN={reuse}: no finished demo run there"
+        return run
+    from helpers import run_cli
+
+    run = tmp_path_factory.mktemp("demo") / "run"
+    run_cli("fit", "--config", "configs/demo.yaml", "--trainer.default_root_dir", str(run),
+            "--trainer.enable_progress_bar", "false", timeout=1200)
+    return run
