@@ -28,6 +28,7 @@ Lightning, datasets or jsonargparse), and bitsandbytes only for the 8-bit config
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -41,9 +42,11 @@ sys.path[:0] = [os.path.join(REPO, "src"), REPO]  # chatlm without `pip install 
 
 import torch  # noqa: E402
 
+from chatlm.model.config import ModelShape  # noqa: E402
+
 # d_model 1024, d_ff 3584, 8 + 8 layers, 16 heads x 64, vocabulary 32128: 251.0M parameters
-SIZE_250M = dict(d_model=1024, d_ff=3584, num_layers=8, num_decoder_layers=8, num_heads=16, d_kv=64)
-SIZE_TINY = dict(d_model=64, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=2, d_kv=32)
+SIZE_250M = ModelShape(d_model=1024, d_ff=3584, num_layers=8, num_decoder_layers=8, num_heads=16, d_kv=64)
+SIZE_TINY = ModelShape(d_model=64, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=2, d_kv=32)
 
 CONFIGS: dict[str, dict[str, Any]] = {
     "fp32_adamw": dict(bf16=False, optimizer="adamw", checkpointing=False),
@@ -67,7 +70,7 @@ def _memory_mb(device: torch.device) -> float:
     return peak_rss_mb()
 
 
-def run_config(name: str, cfg: dict[str, Any], args, device: torch.device, size: dict[str, Any],
+def run_config(name: str, cfg: dict[str, Any], args, device: torch.device, size: ModelShape,
                vocab: int, flops_per_step: int) -> dict[str, Any]:
     from chatlm.model.build import build_model
     from chatlm.model.optim import build_optimizer
@@ -81,7 +84,7 @@ def run_config(name: str, cfg: dict[str, Any], args, device: torch.device, size:
     model = optimizer = None
     try:
         with torch.device(device):
-            model = build_model("t5", vocab_size=vocab, dropout=args.dropout, **size)
+            model = build_model("t5", vocab, dataclasses.replace(size, dropout=args.dropout))
         model.train()
         if cfg["checkpointing"]:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -138,13 +141,13 @@ def run_config(name: str, cfg: dict[str, Any], args, device: torch.device, size:
     return out
 
 
-def plan_estimate(cfg: dict[str, Any], args, size: dict[str, Any], vocab: int, device: torch.device):
+def plan_estimate(cfg: dict[str, Any], args, size: ModelShape, vocab: int, device: torch.device):
     """chatlm.train.plan's estimate of the same run (CUDA: tensors only, runtime 0)."""
     try:
         from chatlm.train.plan import Setup, estimate
 
-        s = Setup(arch="t5", size=dict(size, max_position_embeddings=2048), vocab_size=vocab,
-                  dropout=args.dropout, optimizer=cfg["optimizer"], gradient_checkpointing=cfg["checkpointing"],
+        s = Setup(arch="t5", shape=dataclasses.replace(size, dropout=args.dropout), vocab_size=vocab,
+                  optimizer=cfg["optimizer"], gradient_checkpointing=cfg["checkpointing"],
                   lora_r=0, lora_target_modules=None, freeze=None, batch_size=args.batch_size,
                   seq_len=args.seq_len, label_len=args.label_len or args.seq_len, accumulation=1,
                   precision="bf16-mixed" if cfg["bf16"] else "32-true", device=device.type)
@@ -205,17 +208,17 @@ def main(argv: list[str] | None = None) -> int:
     args.peaks = {"fp32": matmul_peak(sizes=peak_sizes, seconds=seconds, device=device.type)}
     if device.type == "cuda" or args.tiny:
         args.peaks["bf16"] = matmul_peak(sizes=peak_sizes, seconds=seconds, dtype=torch.bfloat16, device=device.type)
-    flops = model_step_flops(lambda: build_model("t5", vocab_size=vocab, dropout=args.dropout, **size),
+    flops = model_step_flops(lambda: build_model("t5", vocab, dataclasses.replace(size, dropout=args.dropout)),
                              args.batch_size, args.seq_len, args.label_len or args.seq_len, vocab_size=vocab)
     with torch.device("meta"):
-        n_params = sum(p.numel() for p in build_model("t5", vocab_size=vocab, **size).parameters())
+        n_params = sum(p.numel() for p in build_model("t5", vocab, size).parameters())
     info = {
         "command": "python bench/gpu.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "parameters": n_params,
-        "size": size,
+        "size": dataclasses.asdict(size),
         "vocab_size": vocab,
         "batch": {"batch_size": args.batch_size, "seq_len": args.seq_len,
                   "label_len": args.label_len or args.seq_len, "dropout": args.dropout},

@@ -57,6 +57,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from bench.lockstep import BatonPair
+from chatlm.model.config import Evaluation, LoRA, ModelShape, Optimization, group_dict
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SRC = os.path.join(REPO, "src")
@@ -64,17 +65,18 @@ LEGACY = os.path.join(REPO, "legacy")
 
 # --------------------------------------------------------------------------- sizes
 #: Model shapes (vocabulary: the bundled 768-token tokenizer; parameter counts include it).
-SIZES: dict[str, dict[str, Any]] = {
+#: The model sizes of the cases: name -> (arch, shape).
+SIZES: dict[str, tuple[str, ModelShape]] = {
     # 29.8M parameters
-    "t5_30m": dict(arch="t5", d_model=384, d_ff=2048, num_layers=6, num_decoder_layers=6, num_heads=6, d_kv=64),
+    "t5_30m": ("t5", ModelShape(d_model=384, d_ff=2048, num_layers=6, num_decoder_layers=6, num_heads=6, d_kv=64)),
     # 99.7M parameters
-    "t5_100m": dict(arch="t5", d_model=768, d_ff=3072, num_layers=6, num_decoder_layers=6, num_heads=12, d_kv=64),
+    "t5_100m": ("t5", ModelShape(d_model=768, d_ff=3072, num_layers=6, num_decoder_layers=6, num_heads=12, d_kv=64)),
     # 8.8M parameters
-    "t5_small": dict(arch="t5", d_model=256, d_ff=1024, num_layers=4, num_decoder_layers=4, num_heads=4, d_kv=64),
+    "t5_small": ("t5", ModelShape(d_model=256, d_ff=1024, num_layers=4, num_decoder_layers=4, num_heads=4, d_kv=64)),
     # 29.7M parameters
-    "llama_30m": dict(arch="llama", d_model=512, d_ff=1536, num_layers=8, num_heads=8, d_kv=64),
-    "t5_tiny": dict(arch="t5", d_model=32, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=2, d_kv=16),
-    "llama_tiny": dict(arch="llama", d_model=32, d_ff=64, num_layers=2, num_heads=2, d_kv=16),
+    "llama_30m": ("llama", ModelShape(d_model=512, d_ff=1536, num_layers=8, num_heads=8, d_kv=64)),
+    "t5_tiny": ("t5", ModelShape(d_model=32, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=2, d_kv=16)),
+    "llama_tiny": ("llama", ModelShape(d_model=32, d_ff=64, num_layers=2, num_heads=2, d_kv=16)),
 }
 
 #: cutoff_len (tokens) of the causal cases, both engines
@@ -116,7 +118,7 @@ class Case:
 
     @property
     def arch(self) -> str:
-        return SIZES[self.size]["arch"]
+        return SIZES[self.size][0]
 
 
 @dataclass
@@ -467,17 +469,16 @@ legacy_lowmem_dataset = LegacyLowMemDataset
 # =========================================================================== worker (one case)
 def _case_config(case: Case, files: dict[str, str], run_dir: str, threads: int) -> dict[str, Any]:
     """The ``python -m src fit`` config of a main-path case."""
-    size = {k: v for k, v in SIZES[case.size].items() if k != "arch"}
     train_file = files[case.data]
+    optim = Optimization(optimizer=case.optimizer, lr=case.lr, scheduler=case.scheduler, warmup_steps=0,
+                         div_factor=case.div_factor, scheduler_total_steps=case.steps,
+                         loss_normalization=case.loss_normalization,
+                         legacy_accumulation_scaling=case.legacy_accumulation_scaling)
     model: dict[str, Any] = dict(
-        arch=case.arch, **size, dropout=case.dropout, optimizer=case.optimizer, lr=case.lr,
-        scheduler=case.scheduler, warmup_steps=0, div_factor=case.div_factor,
-        scheduler_total_steps=case.steps, gradient_checkpointing=case.gradient_checkpointing,
-        lora_r=case.lora_r, loss_normalization=case.loss_normalization,
-        legacy_accumulation_scaling=case.legacy_accumulation_scaling, bleu_max_samples=0,
-        compile=case.compile)
+        arch=case.arch, shape=group_dict(case_shape(case)), optim=group_dict(optim),
+        lora=group_dict(LoRA(r=case.lora_r)), evaluation=group_dict(Evaluation(bleu_max_samples=0)),
+        gradient_checkpointing=case.gradient_checkpointing, compile=case.compile)
     if case.arch == "llama":
-        model.pop("num_decoder_layers", None)
         model["pretrained"] = files["llama_dir"]
     data: dict[str, Any] = dict(
         train_file=train_file, tokenizer=files["tokenizer"], batch_size=case.batch_size,
@@ -516,11 +517,16 @@ def _cuda() -> bool:
         return False
 
 
+def case_shape(case: Case) -> ModelShape:
+    """The model shape of a case: its size, with the case's dropout."""
+    return dataclasses.replace(SIZES[case.size][1], dropout=case.dropout)
+
+
 def _size_flags_legacy(case: Case) -> list[str]:
-    s = SIZES[case.size]
-    return [f"--d_model={s['d_model']}", f"--d_ff={s['d_ff']}", f"--num_layers={s['num_layers']}",
-            f"--num_decoder_layers={s['num_decoder_layers']}", f"--num_heads={s['num_heads']}",
-            f"--d_kv={s['d_kv']}", f"--dropout_rate={case.dropout}"]
+    s = case_shape(case)
+    return [f"--d_model={s.d_model}", f"--d_ff={s.d_ff}", f"--num_layers={s.num_layers}",
+            f"--num_decoder_layers={s.num_decoder_layers}", f"--num_heads={s.num_heads}",
+            f"--d_kv={s.d_kv}", f"--dropout_rate={s.dropout}"]
 
 
 def _run_main(case: Case, files: dict[str, str], run_dir: str, threads: int) -> dict[str, Any]:
@@ -573,12 +579,12 @@ def _run_legacy(case: Case, files: dict[str, str], run_dir: str, threads: int) -
 
 
 def _run_hf_trainer(case: Case, files: dict[str, str], run_dir: str, threads: int) -> dict[str, Any]:
-    s = SIZES[case.size]
+    s = case_shape(case)
     out = os.path.join(run_dir, "out")
     argv = ["--init_from_scratch", "True", "--model_name_or_path", "", "--tokenizer_name_or_path", files["tokenizer"],
-            "--d_model", str(s["d_model"]), "--d_ff", str(s["d_ff"]), "--num_layers", str(s["num_layers"]),
-            "--num_decoder_layers", str(s["num_decoder_layers"]), "--num_heads", str(s["num_heads"]),
-            "--d_kv", str(s["d_kv"]), "--dropout", str(case.dropout),
+            "--d_model", str(s.d_model), "--d_ff", str(s.d_ff), "--num_layers", str(s.num_layers),
+            "--num_decoder_layers", str(s.num_decoder_layers), "--num_heads", str(s.num_heads),
+            "--d_kv", str(s.d_kv), "--dropout", str(s.dropout),
             "--train_file", files[case.data], "--validation_file", "", "--max_seq_length", str(_max_chars(case, files)),
             "--output_dir", out, "--num_train_epochs", "1", "--max_steps", str(case.steps),
             "--per_device_train_batch_size", str(case.batch_size), "--gradient_accumulation_steps", "1",
@@ -1078,9 +1084,8 @@ def _make_llama_dir(out_dir: str, size: str) -> str:
 
     tok = load_tokenizer(sample_tokenizer_dir())
     torch.manual_seed(0)
-    s = {k: v for k, v in SIZES[size].items() if k != "arch"}
-    model = build_model("llama", vocab_size=len(tok), pad_token_id=tok.pad_token_id,
-                        eos_token_id=tok.eos_token_id, dropout=0.0, **s)
+    shape = dataclasses.replace(SIZES[size][1], dropout=0.0)
+    model = build_model("llama", len(tok), shape, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
     save_hf(model, tok, path)
     return path
 
@@ -1119,8 +1124,7 @@ class _FlopCache:
             from chatlm.model.lora import apply_lora
             from chatlm.model.build import build_model
 
-            s = {k: v for k, v in SIZES[case.size].items() if k != "arch"}
-            model = build_model(case.arch, vocab_size=vocab, dropout=case.dropout, **s)
+            model = build_model(case.arch, vocab, case_shape(case))
             if case.lora_r:
                 model = apply_lora(model, r=case.lora_r)
             return model
@@ -1730,7 +1734,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         "machine": {"cpu": _cpu_name(), "threads": args.threads, "device": "cuda" if _cuda() else "cpu",
                     "load_start": load_start, "load_end": _load(), "python": platform.python_version()},
         "peak": peak,
-        "sizes": {k: SIZES[k] for k in sorted({c.size for c in cases})},
+        "sizes": {k: {"arch": SIZES[k][0], **group_dict(SIZES[k][1])} for k in sorted({c.size for c in cases})},
         "cases": results,
         "data": data,
         "ratios": ratios,

@@ -356,6 +356,16 @@ def _rows(path: str) -> Optional[int]:
         return None
 
 
+def model_shape(model_config: T5ModelConfig):
+    """The main path's :class:`~chatlm.model.config.ModelShape` of a legacy ``T5ModelConfig``."""
+    from chatlm.model.config import ModelShape
+
+    mc = model_config
+    return ModelShape(d_model=mc.d_model, d_ff=mc.d_ff, num_layers=mc.num_layers,
+                      num_decoder_layers=mc.num_decoder_layers, num_heads=mc.num_heads, d_kv=mc.d_kv,
+                      dropout=mc.dropout_rate)
+
+
 def _scalar(value: Any) -> str:
     import yaml
 
@@ -365,14 +375,25 @@ def _scalar(value: Any) -> str:
     return text[:-4].strip() if text.endswith('\n...') else text.removesuffix('...').strip()
 
 
-def _section(name: str, items: list) -> list:
-    """``name:`` then ``  key: value   # comment`` lines (items: (key, value, comment))."""
-    lines = [name + ':']
+def _section(name: str, items: list, indent: str = '') -> list:
+    """``name:`` then ``  key: value   # comment`` lines (items: (key, value, comment)); in the
+    ``model`` section the option groups (shape, optim, lora, evaluation) get sections of their own."""
+    from chatlm.model.config import FLAT_NAMES, GROUPS
+
+    lines = [indent + name + ':']
+    grouped: dict = {}
     for key, value, comment in items:
-        line = '  {}: {}'.format(key, _scalar(value))
+        if name == 'model' and key in FLAT_NAMES:
+            group, field = FLAT_NAMES[key]
+            grouped.setdefault(group, []).append((field, value, comment))
+            continue
+        line = '{}  {}: {}'.format(indent, key, _scalar(value))
         if comment:
             line = line.ljust(34) + ' # ' + comment
         lines.append(line)
+    for group in GROUPS:
+        if group in grouped:
+            lines += _section(group, grouped[group], indent + '  ')
     return lines
 
 
@@ -649,19 +670,17 @@ class TrainLowMem:
         # The weights are a pure function of the seed, as in the main path (seed_everything,
         # then the same build_model): nothing may draw from the torch RNG in between.
         set_seed(train_config.seed)
-        size = dict(d_model=model_config.d_model, d_ff=model_config.d_ff, num_layers=model_config.num_layers,
-                    num_decoder_layers=model_config.num_decoder_layers, num_heads=model_config.num_heads,
-                    d_kv=model_config.d_kv, dropout=model_config.dropout_rate)
+        shape = model_shape(model_config)
         ids = dict(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
         if is_finetune:
             log.info('loading the pretrained model: {}'.format(train_config.finetune_from_ckp_file))
-            model = load_model(train_config.finetune_from_ckp_file, arch='t5', expected_vocab_size=len(tokenizer),
-                               vocab_size=len(tokenizer), **ids, **size)
+            model = load_model(train_config.finetune_from_ckp_file, arch='t5', shape=shape,
+                               expected_vocab_size=len(tokenizer), vocab_size=len(tokenizer), **ids)
             trainable, total = freeze_modules(model, ['shared', 'encoder'])
             log.info('SFT: shared embeddings (and the tied output head) and encoder frozen; trainable '
                      'parameters: {:,} / {:,} ({:.2f}%)'.format(trainable, total, 100.0 * trainable / max(1, total)))
         else:
-            model = build_model('t5', vocab_size=len(tokenizer), **ids, **size)
+            model = build_model('t5', len(tokenizer), shape, **ids)
         if accelerator.is_main_process:
             os.makedirs(os.path.dirname(os.path.abspath(train_config.model_config_file)), exist_ok=True)
             with open(train_config.model_config_file, 'w', encoding='utf-8') as f:
@@ -933,11 +952,9 @@ class TrainLowMem:
             data_file, len(test_dataset), accelerator.device))
 
         model_file = train_config.model_file.format(best_epoch)
-        model = load_model(model_file, arch='t5', expected_vocab_size=len(tokenizer), vocab_size=len(tokenizer),
-                           pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                           d_model=model_config.d_model, d_ff=model_config.d_ff, num_layers=model_config.num_layers,
-                           num_decoder_layers=model_config.num_decoder_layers, num_heads=model_config.num_heads,
-                           d_kv=model_config.d_kv, dropout=model_config.dropout_rate)
+        model = load_model(model_file, arch='t5', shape=model_shape(model_config), expected_vocab_size=len(tokenizer),
+                           vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                           eos_token_id=tokenizer.eos_token_id)
         model = accelerator.prepare(model)
         model.eval()
         sampler = ShardedBatchSampler(len(test_dataset), batch_size, seed=train_config.seed, shuffle=False,

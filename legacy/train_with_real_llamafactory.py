@@ -596,6 +596,8 @@ _SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant",
 
 def lightning_config(args: argparse.Namespace, extra: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     """The ``python -m src fit`` config reproducing this LLaMA-Factory run, and header notes."""
+    from chatlm.model.config import nest_model_args
+
     cfg, _ = llamafactory_config(args, extra)
     notes = []
     optim, scheduler = str(cfg["optim"]), str(cfg["lr_scheduler_type"])
@@ -691,7 +693,7 @@ def lightning_config(args: argparse.Namespace, extra: dict[str, Any]) -> tuple[d
     run = {"checkpoint_every_n_steps": save_steps,
            "save_top_k": cfg["save_total_limit"] if cfg["save_total_limit"] else -1,
            "export_hf": True}
-    return {"seed_everything": cfg["seed"], "trainer": trainer, "model": model, "data": data, "run": run}, notes
+    return {"seed_everything": cfg["seed"], "trainer": trainer, "model": nest_model_args(model), "data": data, "run": run}, notes
 
 
 def lightning_yaml(args: argparse.Namespace, extra: dict[str, Any], argv: list[str]) -> str:

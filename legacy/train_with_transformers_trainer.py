@@ -464,6 +464,8 @@ def _value(x: Any) -> Any:
 def lightning_config(model_args: ModelArguments, data_args: DataArguments,
                      args: CustomTrainingArguments) -> dict[str, Any]:
     """The ``python -m src fit`` config equivalent to this script's arguments."""
+    from chatlm.model.config import nest_model_args
+
     optim = str(_value(args.optim))
     scheduler = str(_value(args.lr_scheduler_type))
     if optim not in _OPTIMIZERS:
@@ -539,7 +541,7 @@ def lightning_config(model_args: ModelArguments, data_args: DataArguments,
     run = {"checkpoint_every_n_steps": save_steps or 0,
            "save_top_k": args.save_total_limit if args.save_total_limit else -1,
            "export_hf": True}
-    return {"seed_everything": args.seed, "trainer": trainer, "model": model, "data": data, "run": run}
+    return {"seed_everything": args.seed, "trainer": trainer, "model": nest_model_args(model), "data": data, "run": run}
 
 
 def _requested_bf16(args: CustomTrainingArguments) -> bool:
@@ -579,15 +581,16 @@ def print_environment(args: TrainingArguments) -> None:
 def build_model(model_args: ModelArguments, tokenizer, seed: int):
     """Load --model_name_or_path, or build a fresh T5 after set_seed(seed) (as the main path)."""
     from chatlm.model.build import build_model as chatlm_build_model
+    from chatlm.model.config import ModelShape
     from chatlm.model.load import load_model
 
     if model_args.from_scratch:
         set_seed(seed)
-        return chatlm_build_model(
-            "t5", vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id, d_model=model_args.d_model, d_ff=model_args.d_ff,
-            num_layers=model_args.num_layers, num_decoder_layers=model_args.num_decoder_layers,
-            num_heads=model_args.num_heads, d_kv=model_args.d_kv, dropout=model_args.dropout)
+        shape = ModelShape(d_model=model_args.d_model, d_ff=model_args.d_ff, num_layers=model_args.num_layers,
+                           num_decoder_layers=model_args.num_decoder_layers, num_heads=model_args.num_heads,
+                           d_kv=model_args.d_kv, dropout=model_args.dropout)
+        return chatlm_build_model("t5", len(tokenizer), shape, pad_token_id=tokenizer.pad_token_id,
+                                  eos_token_id=tokenizer.eos_token_id)
     return load_model(model_args.model_name_or_path, arch="t5", expected_vocab_size=len(tokenizer))
 
 

@@ -22,15 +22,23 @@ if SRC not in sys.path:  # chatlm without `pip install -e .`
 if REPO not in sys.path:  # the benchmark harness (bench/) and legacy/ live beside src/
     sys.path.insert(1, REPO)
 
+def _tiny_shape():
+    from chatlm.model.config import ModelShape
+
+    return ModelShape(d_model=32, d_ff=64, num_layers=2, num_heads=2, d_kv=16, dropout=0.0)
+
+
+#: The tiny model of the tests (a few thousand parameters, dropout 0).
+TINY_SHAPE = _tiny_shape()
 TINY_T5 = [
-    "--model.arch", "t5", "--model.d_model", "32", "--model.d_ff", "64",
-    "--model.num_layers", "2", "--model.num_decoder_layers", "2",
-    "--model.num_heads", "2", "--model.d_kv", "16", "--model.dropout", "0.0",
+    "--model.arch", "t5", "--model.shape.d_model", "32", "--model.shape.d_ff", "64",
+    "--model.shape.num_layers", "2", "--model.shape.num_decoder_layers", "2",
+    "--model.shape.num_heads", "2", "--model.shape.d_kv", "16", "--model.shape.dropout", "0.0",
 ]
 TINY_LLAMA = [
-    "--model.arch", "llama", "--model.d_model", "32", "--model.d_ff", "64",
-    "--model.num_layers", "2", "--model.num_heads", "2", "--model.d_kv", "16",
-    "--model.dropout", "0.0",
+    "--model.arch", "llama", "--model.shape.d_model", "32", "--model.shape.d_ff", "64",
+    "--model.shape.num_layers", "2", "--model.shape.num_heads", "2", "--model.shape.d_kv", "16",
+    "--model.shape.dropout", "0.0",
 ]
 CPU = ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.precision", "32-true",
        "--trainer.enable_progress_bar", "false"]
@@ -125,7 +133,7 @@ def fit_args(run, data: dict[str, str], *extra: str) -> list[str]:
     return ["fit", "--config", DEMO, *CPU, *TINY_T5,
             "--data.train_file", data["train"], "--data.val_file", data["val"],
             "--data.batch_size", "4", "--data.max_seq_len", "32",
-            "--model.bleu_max_samples", "4", "--model.max_new_tokens", "4",
+            "--model.evaluation.bleu_max_samples", "4", "--model.evaluation.max_new_tokens", "4",
             "--run.export_hf", "false", "--run.plot_loss", "false",
             "--trainer.default_root_dir", str(run), *extra]
 

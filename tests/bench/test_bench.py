@@ -7,6 +7,7 @@ size on a quiet machine (``python -m src bench --quick``, docs/performance.md).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -14,7 +15,7 @@ import os
 import pytest
 import torch
 
-from helpers import run_cli
+from helpers import TINY_SHAPE, run_cli
 
 REQUIRED_RATIOS = (
     "main_vs_legacy_tokens_per_s",
@@ -38,7 +39,7 @@ def test_matmul_peak_is_positive():
 def _tiny_t5(vocab=64):
     from chatlm.model.build import build_model
 
-    return build_model("t5", vocab_size=vocab, d_model=16, d_ff=32, num_layers=2, num_heads=2, d_kv=8, dropout=0.0)
+    return build_model("t5", vocab, shape=TINY_SHAPE)
 
 
 def test_meta_flops_equal_a_real_step():
@@ -343,10 +344,10 @@ def test_flop_form_equals_direct_counts(size, shapes):
 def test_compile_blocks_compiles_each_repeated_block_in_place():
     from chatlm.model.build import build_model, compile_blocks
 
-    model = build_model("t5", vocab_size=64, d_model=16, d_ff=32, num_layers=2, num_heads=2, d_kv=8, dropout=0.0)
+    model = build_model("t5", 64, shape=TINY_SHAPE)
     keys = list(model.state_dict())
     assert compile_blocks(model) == 4  # 2 encoder + 2 decoder blocks
     assert list(model.state_dict()) == keys  # no _orig_mod. prefix: checkpoints unchanged
     assert all(getattr(b, "_compiled_call_impl", None) is not None for b in model.encoder.block)
-    llama = build_model("llama", vocab_size=64, d_model=16, d_ff=32, num_layers=3, num_heads=2, dropout=0.0)
+    llama = build_model("llama", 64, shape=dataclasses.replace(TINY_SHAPE, num_layers=3))
     assert compile_blocks(llama) == 3

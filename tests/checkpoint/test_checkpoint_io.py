@@ -20,7 +20,7 @@ import chatlm.checkpoint.store as rel
 from chatlm.checkpoint.trainer_io import AtomicCheckpointIO
 from chatlm.errors import CheckpointError, DiskSpaceError
 from chatlm.checkpoint.store import atomic_torch_save, load_checkpoint_safely
-from helpers import error_lines, fit_args, fit_inprocess, load_ckpt, tiny_data
+from helpers import TINY_SHAPE, error_lines, fit_args, fit_inprocess, load_ckpt, tiny_data
 
 
 class Evil:
@@ -199,8 +199,7 @@ def test_export_failure_keeps_the_old_export(tmp_path, monkeypatch):
     from chatlm.model.build import build_model
     from chatlm.model.export import save_hf
 
-    model = build_model("t5", vocab_size=64, d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8, dropout=0.0,
-                        pad_token_id=0, eos_token_id=1)
+    model = build_model("t5", 64, shape=TINY_SHAPE, pad_token_id=0, eos_token_id=1)
     out = tmp_path / "hf"
     save_hf(model, None, out)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
@@ -271,8 +270,7 @@ def test_trust_remote_code_stays_off(tmp_path):
     from chatlm.train.module import ChatLM
 
     marker = tmp_path / "PWNED"
-    model = build_model("t5", vocab_size=64, d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8, dropout=0.0,
-                        pad_token_id=0, eos_token_id=1)
+    model = build_model("t5", 64, shape=TINY_SHAPE, pad_token_id=0, eos_token_id=1)
     d = tmp_path / "remote"
     model.save_pretrained(d)
     cfg = json.loads((d / "config.json").read_text())

@@ -14,8 +14,9 @@ from chatlm.infer.generation import (
     generation_config,
 )
 from chatlm.model.build import build_model
+from chatlm.model.config import ModelShape
 
-TINY = {"d_model": 32, "d_ff": 64, "num_layers": 2, "num_heads": 4, "d_kv": 8}
+TINY = ModelShape(d_model=32, d_ff=64, num_layers=2, num_heads=4, d_kv=8)
 PROMPTS = ["你好", "今天天气很好，我们去公园"]
 
 
@@ -35,13 +36,13 @@ def tokenizer() -> PreTrainedTokenizerFast:
 @pytest.fixture(scope="module")
 def t5(tokenizer):
     torch.manual_seed(0)
-    return build_model("t5", len(tokenizer), **TINY)
+    return build_model("t5", len(tokenizer), TINY)
 
 
 @pytest.fixture(scope="module")
 def llama(tokenizer):
     torch.manual_seed(0)
-    return build_model("llama", len(tokenizer), **TINY)
+    return build_model("llama", len(tokenizer), TINY)
 
 
 def encode(tokenizer, seq2seq: bool):
@@ -183,7 +184,7 @@ def test_generate_through_lora_wrapper(arch, preset, tokenizer):
     from chatlm.model.lora import apply_lora
 
     torch.manual_seed(0)
-    base = build_model(arch, len(tokenizer), **TINY)
+    base = build_model(arch, len(tokenizer), TINY)
     ids, mask = encode(tokenizer, arch == "t5")
     expected = generate_answers(base, tokenizer, ids, mask, preset=preset, max_new_tokens=4)
     wrapped = apply_lora(base)

@@ -10,7 +10,7 @@ import os
 import sys
 
 import pytest
-from helpers import REPO, load_script, read_jsonl, run, tokenizer_dir, write_pairs
+from helpers import TINY_SHAPE, REPO, load_script, read_jsonl, run, tokenizer_dir, write_pairs
 import torch
 import yaml
 
@@ -93,11 +93,11 @@ def test_printed_config_follows_the_command_line():
     assert cfg["trainer"] == {"default_root_dir": "out", "max_steps": 30, "max_epochs": -1,
                               "accumulate_grad_batches": 2, "gradient_clip_val": 0.5,
                               "precision": "32-true", "log_every_n_steps": 50, "limit_val_batches": 0}
-    model = cfg["model"]
-    assert model["pretrained"] is None and (model["d_model"], model["d_kv"], model["dropout"]) == (32, 16, 0.0)
-    assert (model["optimizer"], model["betas"], model["scheduler"], model["warmup_steps"]) == (
+    model, shape, optim = cfg["model"], cfg["model"]["shape"], cfg["model"]["optim"]
+    assert model["pretrained"] is None and (shape["d_model"], shape["d_kv"], shape["dropout"]) == (32, 16, 0.0)
+    assert (optim["optimizer"], optim["betas"], optim["scheduler"], optim["warmup_steps"]) == (
         "adamw", [0.9, 0.98], "linear", 3)  # warmup ratio 0.1 of 30 steps, as the Trainer rounds it
-    assert model["loss_normalization"] == "micro_batch" and not model["gradient_checkpointing"]
+    assert optim["loss_normalization"] == "micro_batch" and not model["gradient_checkpointing"]
     assert cfg["data"]["tokenizer"] == "tok" and cfg["data"]["val_file"] is None
     assert cfg["run"]["checkpoint_every_n_steps"] == 0
     # a ratio needs a known number of steps
@@ -108,7 +108,7 @@ def test_printed_config_follows_the_command_line():
 def test_print_lightning_config_from_the_command_line():
     proc = run([sys.executable, SCRIPT, "--optim", "adamw_torch", "--print_lightning_config"])
     assert proc.stdout.startswith("# python -m src fit --config")
-    assert yaml.safe_load(proc.stdout)["model"]["optimizer"] == "adamw"
+    assert yaml.safe_load(proc.stdout)["model"]["optim"]["optimizer"] == "adamw"
 
 
 # ----------------------------------------------------------------------------- data / model
@@ -148,8 +148,7 @@ def test_new_model_has_the_main_paths_initial_weights():
     ours = legacy.build_model(model_args, tok, seed=123).state_dict()
     seed_everything(123)
     theirs = ChatLM(arch="t5", vocab_size=len(tok), pad_token_id=tok.pad_token_id,
-                    eos_token_id=tok.eos_token_id, d_model=32, d_ff=64, num_layers=2,
-                    num_decoder_layers=2, num_heads=2, d_kv=16, dropout=0.0).model.state_dict()
+                    eos_token_id=tok.eos_token_id, shape=TINY_SHAPE).model.state_dict()
     assert ours.keys() == theirs.keys()
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
 

@@ -11,7 +11,7 @@ import os
 import sys
 
 import pytest
-from helpers import REPO, load_script, read_jsonl, run, write_pairs
+from helpers import TINY_SHAPE, REPO, load_script, read_jsonl, run, write_pairs
 import yaml
 
 SCRIPT = os.path.join(REPO, "legacy", "train_with_real_llamafactory.py")
@@ -44,8 +44,7 @@ def models(tmp_path_factory) -> dict:
     out = {}
     for arch in ("llama", "t5"):
         torch.manual_seed(0)
-        model = build_model(arch, vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                            d_model=32, d_ff=64, num_layers=2, num_heads=2, d_kv=16, dropout=0.0)
+        model = build_model(arch, len(tok), shape=TINY_SHAPE, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
         out[arch] = str(save_hf(model, tok, tmp_path_factory.mktemp(arch) / "hf"))
     return out
 
@@ -120,7 +119,7 @@ def test_print_lightning_config_cli(models):
     cfg = yaml.safe_load(out)
     assert out.startswith("# python -m src fit --config")
     assert cfg["model"]["arch"] == "t5" and cfg["data"]["format"] == "legacy"  # a T5: trained as seq2seq
-    assert "decoder-only" in out and cfg["trainer"]["max_steps"] == 7 and cfg["model"]["optimizer"] == "adamw"
+    assert "decoder-only" in out and cfg["trainer"]["max_steps"] == 7 and cfg["model"]["optim"]["optimizer"] == "adamw"
 
 
 # ----------------------------------------------------------------------------- written files

@@ -258,7 +258,7 @@ def test_shipped_lightning_configs_are_the_generated_ones(name):
     assert text.splitlines()[0] == f"# python -m src fit --config configs/legacy/{name}"
     cfg = yaml.safe_load(text)
     assert cfg["seed_everything"] == cfg["data"]["seed"] == 23333
-    assert cfg["model"]["optimizer"] == "adafactor_legacy" and cfg["model"]["legacy_accumulation_scaling"] is True
+    assert cfg["model"]["optim"]["optimizer"] == "adafactor_legacy" and cfg["model"]["optim"]["legacy_accumulation_scaling"] is True
     assert cfg["trainer"]["gradient_clip_val"] == 1.0
     assert ("freeze" in cfg["model"]) == ("sft" in name)
     if any(os.path.exists(os.path.join(REPO, cfg["data"][k])) for k in ("train_file", "val_file")):

@@ -17,7 +17,7 @@ import os
 import sys
 
 import pytest
-from helpers import REPO, read_jsonl, run
+from helpers import TINY_SHAPE, REPO, read_jsonl, run
 
 SCRIPT = os.path.join(REPO, "legacy", "train_with_real_llamafactory.py")
 STEPS = 20
@@ -45,8 +45,7 @@ def setup(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("lf_parity")
     tok = load_tokenizer(sample_tokenizer_dir())
     torch.manual_seed(0)
-    model = build_model("llama", vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                        d_model=32, d_ff=64, num_layers=2, num_heads=2, d_kv=16, dropout=0.0)
+    model = build_model("llama", len(tok), shape=TINY_SHAPE, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
     out = {"model": str(save_hf(model, tok, root / "llama")), "root": root, "runs": {}}
     pq.write_table(pa.Table.from_pylist(generate_rows(64, 11)), root / "sft.parquet")   # 8 rows per step
     pq.write_table(pa.Table.from_pylist(generate_rows(256, 7)), root / "pt.parquet")    # ~160 blocks of 32

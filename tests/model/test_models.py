@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
@@ -18,12 +19,13 @@ from transformers import (
 )
 
 from chatlm.errors import ModelLoadError
+from chatlm.model.config import ModelShape
 from chatlm.model.lora import apply_lora
 from chatlm.model.build import build_model, count_parameters, freeze_modules, is_seq2seq
 from chatlm.model.load import load_model
 from chatlm.model.export import save_hf
 
-TINY = {"d_model": 32, "d_ff": 64, "num_layers": 2, "num_heads": 4, "d_kv": 8}
+TINY = ModelShape(d_model=32, d_ff=64, num_layers=2, num_heads=4, d_kv=8)
 VOCAB = 300
 
 
@@ -40,9 +42,9 @@ def tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", eos_token="[EOS]")
 
 
-def tiny(arch: str, seed: int = 0, vocab: int = VOCAB, **overrides):
+def tiny(arch: str, seed: int = 0, vocab: int = VOCAB, tie_word_embeddings: bool = True, **overrides):
     torch.manual_seed(seed)
-    return build_model(arch, vocab, **{**TINY, **overrides})
+    return build_model(arch, vocab, dataclasses.replace(TINY, **overrides), tie_word_embeddings=tie_word_embeddings)
 
 
 def batch(arch: str) -> dict[str, torch.Tensor]:
@@ -109,7 +111,7 @@ def test_build_errors():
     with pytest.raises(ValueError, match="unknown arch 'gpt'"):
         build_model("gpt", VOCAB)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="not a multiple"):
-        build_model("llama", VOCAB, d_model=30, num_heads=4)
+        build_model("llama", VOCAB, shape=ModelShape(d_model=30, num_heads=4))
 
 
 def test_count_parameters_counts_tied_once():
@@ -128,7 +130,7 @@ def test_save_hf_round_trip(arch, tokenizer, tmp_path):
     auto = AutoModelForSeq2SeqLM if arch == "t5" else AutoModelForCausalLM
     plain = auto.from_pretrained(out)
     torch.testing.assert_close(logits(plain, arch), logits(model, arch), rtol=0, atol=0)
-    ours = load_model(out, expected_vocab_size=len(tokenizer), d_model=999)  # kwargs ignored
+    ours = load_model(out, shape=ModelShape(d_model=999), expected_vocab_size=len(tokenizer))  # kwargs ignored
     torch.testing.assert_close(logits(ours, arch), logits(model, arch), rtol=0, atol=0)
 
 
@@ -146,10 +148,10 @@ def test_load_consumes_the_rng_like_build(tmp_path):
         f = tmp_path / f"{arch}.bin"
         torch.save(tiny(arch).state_dict(), f)
         torch.manual_seed(1)
-        build_model(arch, VOCAB, **TINY)
+        build_model(arch, VOCAB, TINY)
         after_build = torch.rand(4)
         torch.manual_seed(1)
-        load_model(f, arch=arch, **TINY)
+        load_model(f, arch=arch, shape=TINY)
         assert torch.equal(torch.rand(4), after_build)
 
 
@@ -194,11 +196,11 @@ def test_load_legacy_bin(tmp_path):
     model = tiny("t5", seed=5)
     f = tmp_path / "chat_small_t5.best.bin"
     torch.save(model.state_dict(), f, _use_new_zipfile_serialization=False)
-    loaded = load_model(f, arch="t5", expected_vocab_size=VOCAB, **TINY)
+    loaded = load_model(f, arch="t5", expected_vocab_size=VOCAB, shape=TINY)
     assert same_weights(loaded, model)
     assert loaded.lm_head.weight is loaded.shared.weight  # still tied after loading
     # arch and vocabulary inferred from the weights
-    assert same_weights(load_model(f, **TINY), model)
+    assert same_weights(load_model(f, shape=TINY), model)
 
 
 @pytest.mark.parametrize("variant", ["no_lm_head", "ddp_prefix", "lightning_ckpt", "zip", "safetensors"])
@@ -223,7 +225,7 @@ def test_load_state_dict_variants(variant, tmp_path):
         f = tmp_path / "model.safetensors"
         sd.pop("lm_head.weight")  # safetensors cannot hold shared tensors
         save_file({k: v.contiguous() for k, v in sd.items()}, str(f))
-    assert same_weights(load_model(f, arch=arch, **TINY), model)
+    assert same_weights(load_model(f, arch=arch, shape=TINY), model)
 
 
 def test_load_legacy_bin_with_config_beside(tmp_path):
@@ -236,10 +238,10 @@ def test_load_legacy_bin_with_config_beside(tmp_path):
     assert loaded.config.num_decoder_layers == 1 and loaded.config.dropout_rate == 0.1
     assert same_weights(loaded, model)
     # Explicit build options win over the file (the legacy script builds from its defaults).
-    loaded = load_model(f, arch="t5", **TINY, num_decoder_layers=1, dropout=0.0)
+    loaded = load_model(f, arch="t5", shape=dataclasses.replace(TINY, num_decoder_layers=1, dropout=0.0))
     assert loaded.config.dropout_rate == 0.0 and same_weights(loaded, model)
     with pytest.raises(ModelLoadError, match="do not fit"):
-        load_model(f, arch="t5", **TINY)  # 2 decoder layers
+        load_model(f, arch="t5", shape=TINY)  # 2 decoder layers
 
 
 def test_load_legacy_config_without_model_type(tmp_path):
@@ -270,7 +272,7 @@ def test_malicious_pickle_is_refused(fmt, tmp_path, monkeypatch):
     else:
         f.write_bytes(pickle.dumps(_Evil()))
     with pytest.raises(ModelLoadError, match="refused as unsafe") as err:
-        load_model(f, arch="t5", **TINY)
+        load_model(f, arch="t5", shape=TINY)
     assert str(f) in str(err.value) and "\n" not in str(err.value)
     assert not (tmp_path / "MARKER").exists()
 
@@ -287,7 +289,7 @@ def test_corrupt_file(damage, tmp_path):
     else:
         f.write_bytes(b"not a checkpoint at all " * 20)
     with pytest.raises(ModelLoadError, match="corrupt or truncated") as err:
-        load_model(f, arch="t5", **TINY)
+        load_model(f, arch="t5", shape=TINY)
     assert str(f) in str(err.value) and "\n" not in str(err.value)
 
 
@@ -300,7 +302,7 @@ def test_vocab_mismatch(tmp_path):
     f = tmp_path / "w.bin"
     torch.save(tiny("t5").state_dict(), f, _use_new_zipfile_serialization=False)
     with pytest.raises(ModelLoadError) as err:
-        load_model(f, arch="t5", expected_vocab_size=512, **TINY)
+        load_model(f, arch="t5", expected_vocab_size=512, shape=TINY)
     msg = str(err.value)
     assert "300" in msg and "512" in msg and "tokenizer" in msg and str(f) in msg
 
@@ -309,9 +311,9 @@ def test_wrong_size_options(tmp_path):
     f = tmp_path / "w.bin"
     torch.save(tiny("t5").state_dict(), f, _use_new_zipfile_serialization=False)
     with pytest.raises(ModelLoadError, match="shapes differ"):
-        load_model(f, arch="t5", **{**TINY, "d_ff": 128})
+        load_model(f, arch="t5", shape=dataclasses.replace(TINY, d_ff=128))
     with pytest.raises(ModelLoadError, match="do not fit"):
-        load_model(f, arch="t5", **{**TINY, "num_layers": 3})
+        load_model(f, arch="t5", shape=dataclasses.replace(TINY, num_layers=3))
 
 
 # --------------------------------------------------------------------------- LoRA / freezing

@@ -77,3 +77,37 @@ def test_help_documents_options(flag):
                 "--run.checkpoint_every_n_steps"):
         assert key in out, key
     assert "IGNORES lr" in out  # the docstrings reach --help
+
+
+def test_flat_model_flags_and_yaml_keys_of_earlier_releases_still_work(tmp_path):
+    """--model.lr / --model.d_model / --model.lora_r (and flat YAML keys) land in their option groups."""
+    from chatlm.model.config import FLAT_NAMES
+    from chatlm.train.cli import parse_fit_config
+
+    flat = parse_fit_config(["--config", "configs/demo.yaml", "--model.lr", "0.01", "--model.d_model=48",
+                             "--model.lora_r", "4", "--model.bleu_max_samples", "3"])
+    nested = parse_fit_config(["--config", "configs/demo.yaml", "--model.optim.lr", "0.01", "--model.shape.d_model=48",
+                               "--model.lora.r", "4", "--model.evaluation.bleu_max_samples", "3"])
+    assert flat["model"] == nested["model"]
+    assert (nested["model"]["optim"]["lr"], nested["model"]["shape"]["d_model"], nested["model"]["lora"]["r"]) == (
+        0.01, 48, 4)
+    old = tmp_path / "old.yaml"
+    old.write_text("model:\n  d_model: 40\n  optimizer: adafactor\n  lora_alpha: 8\n  max_new_tokens: 7\n")
+    model = parse_fit_config(["--config", str(old)])["model"]
+    assert (model["shape"]["d_model"], model["optim"]["optimizer"], model["lora"]["alpha"],
+            model["evaluation"]["max_new_tokens"]) == (40, "adafactor", 8, 7)
+    assert {"d_model", "lr", "optimizer", "gradient_checkpointing"} - {"gradient_checkpointing"} <= set(FLAT_NAMES)
+
+
+def test_a_checkpoint_stores_its_options_as_plain_values():
+    """Groups are saved as dicts (checkpoints load with weights_only=True) and rebuild the module."""
+    from chatlm.model.config import ModelShape, Optimization
+    from chatlm.train.module import ChatLM
+
+    module = ChatLM(arch="llama", vocab_size=64, shape=ModelShape(d_model=16, d_ff=32, num_layers=1, num_heads=2),
+                    optim={"lr": 0.5})
+    hp = dict(module.hparams)
+    assert hp["shape"]["d_model"] == 16 and hp["optim"]["lr"] == 0.5 and isinstance(hp["optim"]["betas"], list)
+    assert all(isinstance(v, (dict, list, str, int, float, bool, type(None))) for v in hp.values())
+    again = ChatLM(**hp)
+    assert again.shape == module.shape and again.optim == Optimization(lr=0.5)

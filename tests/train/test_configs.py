@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from helpers import CPU, REPO, read_jsonl, run_cli
+from helpers import TINY_SHAPE, CPU, REPO, read_jsonl, run_cli
 
 CONFIGS = sorted(os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True))
 GPU_ONLY = {"configs/fsdp.yaml", "configs/deepspeed.yaml"}  # checked on a GPU machine (docs/distributed.md)
@@ -54,9 +54,7 @@ def pretrained(tmp_path_factory):
     out = {}
     for arch in ("t5", "llama"):
         d = str(tmp_path_factory.mktemp(arch) / "hf")
-        model = build_model(arch, vocab_size=len(tok), pad_token_id=tok.pad_token_id,
-                            eos_token_id=tok.eos_token_id, d_model=64, d_ff=128, num_layers=2,
-                            num_heads=2, d_kv=32)
+        model = build_model(arch, len(tok), shape=TINY_SHAPE, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
         save_hf(model, tok, d)
         out[arch] = d
     return out

@@ -25,9 +25,12 @@ TOL = 0.25
 def _setup(**kw):
     from chatlm.train.plan import Setup
 
-    base = dict(arch="t5", size=dict(d_model=32, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=2, d_kv=16,
-                                     max_position_embeddings=64),
-                vocab_size=100, dropout=0.0, optimizer="adamw", gradient_checkpointing=False, lora_r=0,
+    from chatlm.model.config import ModelShape
+
+    dropout = kw.pop("dropout", 0.0)
+    base = dict(arch="t5", shape=ModelShape(d_model=32, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=2,
+                                            d_kv=16, dropout=dropout, max_position_embeddings=64),
+                vocab_size=100, optimizer="adamw", gradient_checkpointing=False, lora_r=0,
                 lora_target_modules=None, freeze=None, batch_size=4, seq_len=12, label_len=9, accumulation=1,
                 precision="32-true", device="cpu")
     base.update(kw)
@@ -36,7 +39,7 @@ def _setup(**kw):
 
 # ----------------------------------------------------------------------------- pieces
 @pytest.mark.parametrize("text,mib", [("16GB", 16384), ("16G", 16384), ("1.5GiB", 1536), ("800MB", 800),
-                                      ("800", 800), ("2T", 2 * 1024 ** 2)])
+                                      ("8", 8192), ("2T", 2 * 1024 ** 2)])
 def test_parse_memory(text, mib):
     from chatlm.train.plan import parse_memory
 
@@ -57,11 +60,16 @@ def test_load_config_merges_files_and_overrides(tmp_path):
     a.write_text("model:\n  d_model: 64\n  optimizer: adamw\ndata:\n  batch_size: 4\n")
     b = tmp_path / "b.yaml"
     b.write_text("model:\n  optimizer: adamw8bit\n")
-    cfg = load_config([str(a), str(b)], ["--data.batch_size", "2", "--model.gradient_checkpointing=true"])
-    assert cfg["model"] == {"d_model": 64, "optimizer": "adamw8bit", "gradient_checkpointing": True}
+    cfg = load_config([str(a), str(b)], ["--data.batch_size", "2", "--model.gradient_checkpointing=true",
+                                         "--model.shape.d_ff", "96"])
+    model = cfg["model"]
+    assert (model["shape"]["d_model"], model["shape"]["d_ff"], model["optim"]["optimizer"]) == (64, 96, "adamw8bit")
+    assert model["gradient_checkpointing"] is True and model["shape"]["num_layers"] == 10  # the CLI's defaults
     assert cfg["data"]["batch_size"] == 2
-    with pytest.raises(ValueError, match="overrides"):
-        load_config([str(a)], ["oops"])
+    from jsonargparse import ArgumentError
+
+    with pytest.raises(ArgumentError, match="oops"):
+        load_config([str(a)], ["--model.oops", "1"])
 
 
 @pytest.mark.parametrize("arch,dropout,lora", [("t5", 0.0, 0), ("t5", 0.1, 0), ("t5", 0.0, 4), ("llama", 0.0, 0)])
@@ -69,9 +77,9 @@ def test_meta_activation_count_equals_a_real_forward(arch, dropout, lora):
     """Saved-for-backward bytes counted on the meta device are those of a real CPU forward."""
     from chatlm.train.plan import _build_meta, activation_facts
 
-    s = _setup(arch=arch, dropout=dropout, lora_r=lora, label_len=None if arch == "llama" else 9,
-               size=dict(d_model=32, d_ff=64, num_layers=2, num_decoder_layers=None if arch == "llama" else 2,
-                         num_heads=2, d_kv=16, max_position_embeddings=64))
+    s = _setup(arch=arch, dropout=dropout, lora_r=lora, label_len=None if arch == "llama" else 9)
+    if arch == "llama":
+        s = s.replace(shape=dataclasses.replace(s.shape, num_decoder_layers=None))
     meta = activation_facts(s)
     model = _build_meta(s, checkpointing=False).to_empty(device="cpu")
     torch.manual_seed(0)
@@ -104,10 +112,9 @@ def test_estimate_parts_follow_the_options():
     n = base["parameters"]
     assert base["parameters_mb"] == pytest.approx(4 * n / 2**20)
     assert base["optimizer_state_mb"] == pytest.approx(8 * n / 2**20)
-    wide = dict(d_model=64, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=2, d_kv=32,
-                max_position_embeddings=64)  # tensors of >= 4096 elements get 8-bit states
-    eight = estimate(_setup(optimizer="adamw8bit", size=wide), runtime=0.0)
-    full32 = estimate(_setup(size=wide), runtime=0.0)
+    wide = dataclasses.replace(_setup().shape, d_model=64, d_ff=128, d_kv=32)  # >= 4096 elements: 8-bit states
+    eight = estimate(_setup(optimizer="adamw8bit", shape=wide), runtime=0.0)
+    full32 = estimate(_setup(shape=wide), runtime=0.0)
     assert eight["optimizer_state_mb"] < 0.4 * full32["optimizer_state_mb"]
     fact = estimate(_setup(optimizer="adafactor"), runtime=0.0)
     assert fact["optimizer_state_mb"] < 0.2 * base["optimizer_state_mb"]
@@ -116,7 +123,7 @@ def test_estimate_parts_follow_the_options():
     assert ckpt["activations_mb"] < 0.7 * full["activations_mb"]
     # Same device, same shape: bf16-mixed saves less for backward than fp32 (not half: T5
     # keeps its norms and softmax in fp32 under autocast, and the count is exact per dtype).
-    shape = dict(size=wide, batch_size=16, seq_len=64, label_len=64, device="cuda")
+    shape = dict(shape=wide, batch_size=16, seq_len=64, label_len=64, device="cuda")
     bf16 = estimate(_setup(precision="bf16-mixed", **shape), runtime=0.0)
     fp32 = estimate(_setup(precision="32-true", **shape), runtime=0.0)
     assert 0 < bf16["activations_mb"] < 0.98 * fp32["activations_mb"]
@@ -130,8 +137,8 @@ def test_estimate_parts_follow_the_options():
 def test_plan_suggests_settings_that_fit():
     from chatlm.train.plan import plan
 
-    cfg = {"model": {"arch": "t5", "d_model": 256, "d_ff": 1024, "num_layers": 4, "num_heads": 4, "d_kv": 64,
-                     "optimizer": "adamw"},
+    cfg = {"model": {"arch": "t5", "shape": {"d_model": 256, "d_ff": 1024, "num_layers": 4, "num_heads": 4, "d_kv": 64},
+                     "optim": {"optimizer": "adamw"}},
            "data": {"batch_size": 32}}
     roomy = plan(cfg, budget_mb=1e6, seq_len=128)
     assert roomy["fits"] and roomy["suggestion"]["flags"] == []

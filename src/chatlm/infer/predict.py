@@ -17,29 +17,37 @@ import json
 import os
 from typing import Optional
 
-import torch
 
-from chatlm.errors import ChatLMError
+from chatlm.errors import ChatLMError, ModelLoadError
+from chatlm.util.text import one_line
 
 
 def _load_from_checkpoint(path: str, tokenizer: Optional[str]):
+    """The model of a training checkpoint, rebuilt from its hyperparameters (no Lightning needed)."""
+    from chatlm.checkpoint.store import load_checkpoint_safely
     from chatlm.data.sample import sample_tokenizer_dir
-    from chatlm.train.module import ChatLM
-    from chatlm.errors import ModelLoadError
+    from chatlm.model.config import LoRA, ModelShape, as_group, nest_model_args
+    from chatlm.model.setup import make_model
 
+    ckpt = load_checkpoint_safely(path)
+    hp = nest_model_args({k: v for k, v in (ckpt.get("hyper_parameters") or {}).items() if not k.startswith("_")})
+    state = ckpt.get("state_dict") or {}
+    if not hp or not state:
+        raise ModelLoadError(f"{path}: not a chatlm training checkpoint (no hyperparameters or weights)")
+    model = make_model(hp.get("arch", "t5"), int(hp["vocab_size"]), int(hp.get("pad_token_id", 0)),
+                       int(hp.get("eos_token_id", 1)), as_group(ModelShape, hp.get("shape")),
+                       lora=as_group(LoRA, hp.get("lora")), freeze=hp.get("freeze"))
+    weights = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure is a refusal
-        raise ModelLoadError(f"{path}: cannot load checkpoint safely ({type(err).__name__}: "
-                             f"{str(err).splitlines()[0] if str(err) else ''})") from None
-    hparams = dict(ckpt.get("hyper_parameters", {}))
-    hparams["compile"] = False
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as err:
+        raise ModelLoadError(f"{path}: its weights do not fit the model its hyperparameters describe "
+                             f"({one_line(err, 160)})") from None
+    if hasattr(model, "merge_and_unload"):  # LoRA: answer with the merged weights
+        model = model.merge_and_unload()
     data_hp = ckpt.get("datamodule_hyper_parameters", {}) or {}
-    module = ChatLM(**hparams)
-    module.load_state_dict(ckpt["state_dict"])
     tok_dir = tokenizer or data_hp.get("tokenizer") or sample_tokenizer_dir()
-    fmt = data_hp.get("format")
-    return module.hf_model(), tok_dir, fmt, data_hp.get("max_seq_len")
+    return model, tok_dir, data_hp.get("format"), data_hp.get("max_seq_len")
 
 
 def load_for_inference(model_path: str, tokenizer: Optional[str] = None):

@@ -10,10 +10,12 @@ Two architectures:
 from __future__ import annotations
 
 import contextlib
-from typing import Literal, get_args
+from typing import Literal, Optional, get_args
 
 from torch import nn
 from transformers import PreTrainedModel
+
+from chatlm.model.config import ModelShape
 
 Arch = Literal["t5", "llama"]
 
@@ -21,16 +23,9 @@ Arch = Literal["t5", "llama"]
 def build_model(
     arch: Arch,
     vocab_size: int,
+    shape: Optional[ModelShape] = None,
     pad_token_id: int = 0,
     eos_token_id: int = 1,
-    d_model: int = 768,
-    d_ff: int = 3072,
-    num_layers: int = 10,
-    num_decoder_layers: int | None = None,
-    num_heads: int = 12,
-    d_kv: int = 64,
-    dropout: float = 0.1,
-    max_position_embeddings: int = 2048,
     tie_word_embeddings: bool = True,
 ) -> PreTrainedModel:
     """A freshly initialised model; seed the global torch RNG first for reproducible weights.
@@ -38,27 +33,21 @@ def build_model(
     Args:
         arch: ``"t5"`` (encoder-decoder) or ``"llama"`` (decoder-only).
         vocab_size: Rows of the embedding matrix (``len(tokenizer)``).
+        shape: Its size (:class:`~chatlm.model.config.ModelShape`; None: the defaults, the
+            legacy project's 0.2B T5).
         pad_token_id: Padding id; T5 also starts decoding from it (``decoder_start_token_id``).
         eos_token_id: End-of-sequence id. Llama's ``bos_token_id`` is set to it as well (the
             chatlm tokenizers have no BOS token).
-        d_model: Hidden width.
-        d_ff: Feed-forward width.
-        num_layers: T5 encoder layers / llama decoder layers.
-        num_decoder_layers: T5 decoder layers (None: ``num_layers``); must be None for llama.
-        num_heads: Attention heads (llama: also key/value heads, i.e. no grouped-query attention).
-        d_kv: T5 width of one head. Llama's head width is always ``d_model // num_heads``
-            (``d_kv`` is ignored unless it already equals that).
-        dropout: T5 ``dropout_rate``; llama ``attention_dropout``.
-        max_position_embeddings: Longest llama sequence (T5 uses relative positions).
         tie_word_embeddings: Llama: share input embeddings and output head. T5 always ties
             them (transformers forces it), as the legacy model does.
     """
+    s = shape or ModelShape()
     if arch == "t5":
         from transformers import T5Config, T5ForConditionalGeneration
 
         config = T5Config(
-            vocab_size=vocab_size, d_model=d_model, d_kv=d_kv, d_ff=d_ff, num_layers=num_layers,
-            num_decoder_layers=num_decoder_layers, num_heads=num_heads, dropout_rate=dropout,
+            vocab_size=vocab_size, d_model=s.d_model, d_kv=s.d_kv, d_ff=s.d_ff, num_layers=s.num_layers,
+            num_decoder_layers=s.num_decoder_layers, num_heads=s.num_heads, dropout_rate=s.dropout,
             decoder_start_token_id=pad_token_id, pad_token_id=pad_token_id,
             eos_token_id=eos_token_id,
         )
@@ -66,16 +55,16 @@ def build_model(
     if arch == "llama":
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        if num_decoder_layers is not None and num_decoder_layers != num_layers:
-            raise ValueError(f"num_decoder_layers={num_decoder_layers} is a T5 option; "
-                             f"llama has num_layers={num_layers} decoder layers only")
-        if d_model % num_heads:
-            raise ValueError(f"d_model={d_model} is not a multiple of num_heads={num_heads}")
+        if s.num_decoder_layers is not None and s.num_decoder_layers != s.num_layers:
+            raise ValueError(f"num_decoder_layers={s.num_decoder_layers} is a T5 option; "
+                             f"llama has num_layers={s.num_layers} decoder layers only")
+        if s.d_model % s.num_heads:
+            raise ValueError(f"d_model={s.d_model} is not a multiple of num_heads={s.num_heads}")
         config = LlamaConfig(
-            vocab_size=vocab_size, hidden_size=d_model, intermediate_size=d_ff,
-            num_hidden_layers=num_layers, num_attention_heads=num_heads,
-            num_key_value_heads=num_heads, head_dim=d_model // num_heads,
-            max_position_embeddings=max_position_embeddings, attention_dropout=dropout,
+            vocab_size=vocab_size, hidden_size=s.d_model, intermediate_size=s.d_ff,
+            num_hidden_layers=s.num_layers, num_attention_heads=s.num_heads,
+            num_key_value_heads=s.num_heads, head_dim=s.d_model // s.num_heads,
+            max_position_embeddings=s.max_position_embeddings, attention_dropout=s.dropout,
             pad_token_id=pad_token_id, eos_token_id=eos_token_id, bos_token_id=eos_token_id,
             tie_word_embeddings=tie_word_embeddings,
         )

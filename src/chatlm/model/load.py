@@ -20,6 +20,7 @@ from transformers import PreTrainedModel
 from chatlm.checkpoint.store import safe_torch_load
 from chatlm.errors import ModelLoadError
 from chatlm.model.build import Arch, build_model, quiet_progress
+from chatlm.model.config import ModelShape
 from chatlm.util.text import one_line
 
 #: Files beside a legacy state dict that describe its model (first found wins).
@@ -38,21 +39,24 @@ def load_model(
     path: str | os.PathLike,
     *,
     arch: Arch | None = None,
+    shape: ModelShape | None = None,
+    vocab_size: int | None = None,
+    pad_token_id: int = 0,
+    eos_token_id: int = 1,
     expected_vocab_size: int | None = None,
     trust_remote_code: bool = False,
-    **build_kwargs: Any,
 ) -> PreTrainedModel:
     """Load a Hugging Face model directory or a legacy state-dict file.
 
     * A directory: ``AutoModelForSeq2SeqLM`` or ``AutoModelForCausalLM.from_pretrained``,
       chosen by its config's ``is_encoder_decoder`` (safetensors preferred by transformers;
-      ``.bin`` weights are read with ``weights_only``). ``arch`` and ``build_kwargs`` are
+      ``.bin`` weights are read with ``weights_only``). ``arch``, ``shape`` and the ids are
       ignored: the directory's config decides.
     * A file (``.bin``/``.pt``/``.pth``/``.safetensors``): the state dict is read safely and the
       model built, then loaded with ``strict=True``. The model is built with
-      :func:`build_model` from ``arch`` and ``build_kwargs`` when any build kwarg is given
+      :func:`build_model` from ``arch`` and ``shape`` when ``shape`` is given
       (explicit options win, as the legacy script always builds from its ``T5ModelConfig``;
-      wrong sizes give a shape error). Without build kwargs it is built from a
+      wrong sizes give a shape error). Without ``shape`` it is built from a
       ``config.json`` / ``model_config.json`` beside the file if there is one, else with
       :func:`build_model` defaults. Arch and vocab size are inferred from the weights when
       not given. Tied
@@ -69,8 +73,11 @@ def load_model(
         expected_vocab_size: The tokenizer's vocabulary size; a different checkpoint
             vocabulary is an error instead of a silent mismatch.
         trust_remote_code: Allow a directory's custom modelling code to run (off by default).
-        **build_kwargs: :func:`build_model` arguments for a state-dict file (given: they
-            define the model and a config file beside it is not read).
+        shape: The size of the model for a state-dict file (given: it defines the model and
+            a config file beside it is not read).
+        vocab_size: Its vocabulary (None: from the weights).
+        pad_token_id: Pad id of a model built for a state-dict file.
+        eos_token_id: End-of-sequence id of a model built for a state-dict file.
 
     Raises:
         ModelLoadError: missing path, unsafe / corrupt / truncated file, weights that do not
@@ -86,7 +93,7 @@ def load_model(
                              f"({', '.join(STATE_DICT_SUFFIXES)})")
     state = read_state_dict(p)
     arch = arch or _infer_arch(state)
-    config = None if build_kwargs else _config_beside(p, arch)
+    config = None if shape is not None else _config_beside(p, arch)
     if config is None:
         if arch is None:
             raise ModelLoadError(f"{p}: cannot tell the architecture from its weights; pass arch")
@@ -100,14 +107,12 @@ def load_model(
     if config is not None:
         model = _model_from_config(config)
     else:
-        kwargs = dict(build_kwargs)
-        if kwargs.get("vocab_size") is None:
-            if vocab is None:
-                raise ModelLoadError(f"{p}: cannot tell the vocabulary size (no embedding "
-                                     "weight found); pass vocab_size")
-            kwargs["vocab_size"] = vocab
+        vocab_size = vocab_size if vocab_size is not None else vocab
+        if vocab_size is None:
+            raise ModelLoadError(f"{p}: cannot tell the vocabulary size (no embedding "
+                                 "weight found); pass vocab_size")
         try:
-            model = build_model(arch, **kwargs)
+            model = build_model(arch, vocab_size, shape, pad_token_id=pad_token_id, eos_token_id=eos_token_id)
         except (TypeError, ValueError) as err:
             raise ModelLoadError(f"{p}: cannot build a {arch} model: {err}") from err
     _load_state(model, state, p)
@@ -212,8 +217,8 @@ def _template_keys(config, arch: str | None) -> list[str]:
         if config is not None:
             model = _model_from_config(config)
         else:
-            model = build_model(arch, vocab_size=8, d_model=8, d_ff=8, num_layers=1,  # type: ignore[arg-type]
-                                num_heads=1, d_kv=8)
+            model = build_model(arch, 8, ModelShape(d_model=8, d_ff=8, num_layers=1,  # type: ignore[arg-type]
+                                                    num_heads=1, d_kv=8))
     return list(model.state_dict())
 
 

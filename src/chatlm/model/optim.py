@@ -24,14 +24,13 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterable
-from typing import Literal, get_args
+from typing import get_args
 
 import torch
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
-OptimizerName = Literal["adafactor_legacy", "adafactor", "adamw", "adamw8bit", "paged_adamw8bit"]
-SchedulerName = Literal["onecycle", "cosine", "linear", "constant"]
+from chatlm.model.config import OptimizerName, SchedulerName
 
 
 def build_optimizer(

@@ -12,17 +12,45 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Optional
+import warnings
+from typing import Any, Optional
 
+from jsonargparse import set_loader
 from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
 
 from chatlm.checkpoint.trainer_io import checkpoint_io_plugins
 from chatlm.data import ChatDataModule
 from chatlm.errors import user_errors
+from chatlm.model.config import nest_model_args, nest_model_flags
 from chatlm.train.callbacks import RunConfig, reliability_callbacks, run_callbacks
 from chatlm.train.distributed import strategy_with_timeout
 from chatlm.train.module import ChatLM
+
+
+#: jsonargparse parser mode of chatlm: YAML whose ``model`` section may use the flat names of
+#: earlier releases (``d_model``, ``lr``, ``lora_r``...), moved into their groups on load.
+PARSER_MODE = "chatlm_yaml"
+
+
+def nest_config(obj: Any) -> Any:
+    """A loaded config (top level or under a subcommand) with its ``model`` section nested."""
+    if isinstance(obj, dict):
+        if isinstance(obj.get("model"), dict):
+            obj["model"] = nest_model_args(obj["model"])
+        for sub in ("fit", "validate", "test"):
+            if isinstance(obj.get(sub), dict):
+                nest_config(obj[sub])
+    return obj
+
+
+def _load_yaml(text: str) -> Any:
+    import yaml
+
+    return nest_config(yaml.safe_load(text))
+
+
+set_loader(PARSER_MODE, _load_yaml)
 
 
 def default_precision(accelerator: Optional[str]) -> str:
@@ -59,15 +87,24 @@ class ChatLMCLI(LightningCLI):
         """fit / validate / test (``predict`` is chatlm's own command: chatlm.infer.predict)."""
         return {k: v for k, v in LightningCLI.subcommands().items() if k in ("fit", "validate", "test")}
 
+    def parse_arguments(self, parser, args) -> None:
+        """Flat model flags of earlier releases (``--model.lr``) become their group's (``--model.optim.lr``)."""
+        super().parse_arguments(parser, nest_model_flags(list(sys.argv[1:] if args is None else args)))
+
     def _parse_ckpt_path(self) -> None:
-        """Lightning reads --ckpt_path's hyperparameters here; check the file safely first (one line)."""
+        """The model options saved in ``--ckpt_path`` win over the config, as in Lightning; the file
+        is read safely (memory-mapped, weights only: corrupt / unsafe -> one line) and the
+        hyperparameters of a checkpoint made before the option groups are nested first."""
         sub = self.config.get("subcommand")
         ckpt_path = self.config[sub].get("ckpt_path") if sub else None
-        if ckpt_path and os.path.isfile(ckpt_path):
-            from chatlm.checkpoint.store import load_checkpoint_safely
+        if not (ckpt_path and os.path.isfile(ckpt_path)):
+            return
+        from chatlm.checkpoint.store import load_checkpoint_safely
 
-            load_checkpoint_safely(ckpt_path, mmap=True)  # weights_only; corrupt / unsafe -> CheckpointError
-        super()._parse_ckpt_path()
+        hparams = dict(load_checkpoint_safely(ckpt_path, mmap=True).get("hyper_parameters") or {})
+        hparams = {k: v for k, v in hparams.items() if not k.startswith("_")}  # _instantiator, _class_path
+        if hparams:
+            self.config = self.parser.parse_object({sub: {"model": nest_model_args(hparams)}}, self.config)
 
     def before_fit(self) -> None:
         """Check --ckpt_path (safe load, fits the model) before the trainer writes anything."""
@@ -84,7 +121,7 @@ class ChatLMCLI(LightningCLI):
         extra = []
         if self.subcommand == "fit":
             extra = run_callbacks(cfg.run, run_dir, has_validation=self.datamodule.has_validation,
-                                  bleu_on=self.model.hparams.bleu_max_samples > 0)
+                                  bleu_on=self.model.evaluation.bleu_max_samples > 0)
             extra += reliability_callbacks()  # RNG state, NaN guard, SIGINT/SIGTERM (after the loss log)
         trainer_cfg = dict(cfg.trainer)
         callbacks = list(trainer_cfg.get("callbacks") or [])
@@ -102,21 +139,52 @@ class ChatLMCLI(LightningCLI):
         return self._instantiate_trainer({**trainer_cfg, **kwargs}, extra_cb)
 
 
-def lightning_main(args: Optional[list[str]]) -> None:
-    from chatlm.util.system import tune_malloc
+#: LightningCLI warns when ``args`` is given while sys.argv has arguments: ours are argv (nested).
+_ARGS_WARNING = "LightningCLI's args parameter is intended"
 
-    tune_malloc()  # steady training steps without page faults (docs/performance.md)
-    ChatLMCLI(
-        ChatLM,
-        ChatDataModule,
-        args=args,
+
+class _ConfigOnlyCLI(ChatLMCLI):
+    """Parses like ``chatlm fit`` and stops: nothing is instantiated, seeded or run."""
+
+    def _set_seed(self) -> None:
+        pass
+
+    def before_instantiate_classes(self) -> None:
+        pass
+
+    def instantiate_classes(self) -> None:
+        pass
+
+    def _run_subcommand(self, subcommand: Optional[str]) -> None:
+        pass
+
+
+def _cli_kwargs() -> dict[str, Any]:
+    return dict(
         seed_everything_default=42,
         save_config_kwargs={"overwrite": True},
         trainer_defaults={
             "use_distributed_sampler": False,  # ChatDataModule shards batches itself
         },
-        parser_kwargs={"exit_on_error": False},
+        parser_kwargs={"exit_on_error": False, "parser_mode": PARSER_MODE},
     )
+
+
+def parse_fit_config(args: list[str]) -> dict[str, Any]:
+    """The config ``chatlm fit ARGS`` would train with (``model``, ``data``, ``trainer``, ``run``
+    sections, every default filled in), parsed by the CLI's own parser without building anything."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_ARGS_WARNING)
+        cli = _ConfigOnlyCLI(ChatLM, ChatDataModule, args=["fit", *args], **_cli_kwargs())
+    return cli.config["fit"].as_dict()
+
+
+def lightning_main(args: Optional[list[str]]) -> None:
+    from chatlm.util.system import tune_malloc
+
+    tune_malloc()  # steady training steps without page faults (docs/performance.md)
+    warnings.filterwarnings("ignore", message=_ARGS_WARNING)  # args is argv here
+    ChatLMCLI(ChatLM, ChatDataModule, args=args, **_cli_kwargs())
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -11,20 +11,18 @@ and test share one ``_shared_step``.
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, Optional
+from typing import Any, Optional
 
 import lightning as L
 import torch
 
 from chatlm.infer import generation as gen
 from chatlm.infer.metrics import bleu4
-from chatlm.model.build import Arch, build_model, compile_blocks, count_parameters, freeze_modules, is_seq2seq
-from chatlm.model.lora import apply_lora
-from chatlm.model.load import load_model
 from chatlm.model.adafactor import lean_optimizer
-from chatlm.model.optim import OptimizerName, SchedulerName, build_optimizer, build_scheduler
-
-LossNormalization = Literal["micro_batch", "window_tokens"]
+from chatlm.model.build import Arch, compile_blocks, count_parameters, is_seq2seq
+from chatlm.model.config import Evaluation, LoRA, ModelShape, Optimization, as_group, group_dict
+from chatlm.model.optim import build_optimizer, build_scheduler
+from chatlm.model.setup import make_model
 
 
 def count_tokens(batch: dict[str, torch.Tensor]) -> tuple[int, int]:
@@ -68,51 +66,24 @@ class ChatLM(L.LightningModule):
     Args:
         arch: ``t5`` (encoder-decoder, prompt to the encoder) or ``llama`` (decoder-only).
         pretrained: Start from these weights: a Hugging Face model directory, a legacy
-            state-dict ``.bin`` or a Lightning ``.ckpt``; None builds a new model from the
-            size arguments below. Loaded safely (safetensors or ``weights_only=True``).
+            state-dict ``.bin`` or a Lightning ``.ckpt``; None builds a new model of ``shape``.
+            Loaded safely (safetensors or ``weights_only=True``).
         trust_remote_code: Allow a Hugging Face directory to run its own code. Off: only
             turn it on for a model you trust.
         vocab_size: Vocabulary size. Linked from ``data.vocab_size`` (the tokenizer), so a
             new tokenizer resizes a new model automatically.
         pad_token_id: Pad id (linked from the tokenizer).
         eos_token_id: End-of-sequence id (linked from the tokenizer).
-        d_model: Hidden width.
-        d_ff: Feed-forward width.
-        num_layers: Encoder layers (T5) or decoder layers (llama).
-        num_decoder_layers: T5 decoder layers; None = num_layers.
-        num_heads: Attention heads.
-        d_kv: Width of each attention head.
-        dropout: Dropout rate (0 for exact reproducibility checks).
-        max_position_embeddings: Longest sequence a llama model can take.
-        optimizer: ``adamw``; ``adafactor`` (fixed lr, as the HF Trainer's);
-            ``adafactor_legacy`` (relative step: IGNORES lr, as train_low_mem.py);
-            ``adamw8bit`` / ``paged_adamw8bit`` (bitsandbytes, ~4x less optimizer memory).
-        lr: Peak learning rate (ignored by ``adafactor_legacy``).
-        weight_decay: Decoupled weight decay.
-        betas: Adam betas.
-        scheduler: ``cosine`` (with warmup), ``linear``, ``constant`` (with warmup) or
-            ``onecycle`` (legacy: max lr = div_factor * lr).
-        warmup_steps: Warmup optimizer steps (cosine, linear, constant).
-        div_factor: One-cycle initial lr = max lr / div_factor.
-        scheduler_total_steps: Steps the schedule spans; None = the trainer's estimate.
+        shape: The size of a new model (``--model.shape.d_model`` ...; the flat
+            ``--model.d_model`` still works).
+        optim: Optimizer, learning rate, schedule and loss normalisation (``--model.optim.lr``
+            ...; the flat ``--model.lr``, ``--model.optimizer`` still work).
+        lora: LoRA adapters (``--model.lora.r 8``; the flat ``--model.lora_r`` still works).
+        evaluation: What each validation generates and scores beside the loss.
         gradient_checkpointing: Recompute activations in backward: much less activation
             memory for ~30% more compute.
         freeze: Freeze parameters whose names start with these prefixes (the legacy T5
             SFT freezes ``[shared, encoder]``, which also freezes the tied output head).
-        lora_r: LoRA rank; 0 = full fine-tuning. LoRA adapters are merged on export.
-        lora_alpha: LoRA scaling numerator.
-        lora_dropout: Dropout on the LoRA branch.
-        lora_target_modules: Module names that get adapters; None = per-arch default.
-        loss_normalization: ``micro_batch``: each micro-batch's loss is its token mean
-            (Lightning / legacy loop). ``window_tokens``: every token of an accumulation
-            window (and of all devices) weighs the same, as the HF Trainer; also makes N
-            devices at batch b train exactly as one device at batch N*b.
-        legacy_accumulation_scaling: Reproduce train_low_mem.py, whose gradients are those of
-            ``CE / accumulation**2`` (a defect; matters with clipping or non-Adafactor).
-        bleu_max_samples: Validation samples (per device) that get a greedy generation
-            scored with BLEU-4 each validation; 0 turns BLEU off.
-        generation_preset: Preset used for BLEU generations (see chatlm.infer.generation).
-        max_new_tokens: Longest generated answer during evaluation.
         compile: ``torch.compile`` each transformer block (regional compilation: identical
             blocks share one graph; the first step is slow while it compiles). Generation
             runs eager. On a CPU it rarely pays: measured in docs/performance.md.
@@ -126,65 +97,31 @@ class ChatLM(L.LightningModule):
         vocab_size: int = 32128,
         pad_token_id: int = 0,
         eos_token_id: int = 1,
-        d_model: int = 768,
-        d_ff: int = 3072,
-        num_layers: int = 10,
-        num_decoder_layers: Optional[int] = None,
-        num_heads: int = 12,
-        d_kv: int = 64,
-        dropout: float = 0.1,
-        max_position_embeddings: int = 2048,
-        optimizer: OptimizerName = "adamw",
-        lr: float = 3e-4,
-        weight_decay: float = 0.0,
-        betas: tuple[float, float] = (0.9, 0.999),
-        scheduler: SchedulerName = "cosine",
-        warmup_steps: int = 0,
-        div_factor: float = 25.0,
-        scheduler_total_steps: Optional[int] = None,
+        shape: ModelShape = ModelShape(),
+        optim: Optimization = Optimization(),
+        lora: LoRA = LoRA(),
+        evaluation: Evaluation = Evaluation(),
         gradient_checkpointing: bool = False,
         freeze: Optional[list[str]] = None,
-        lora_r: int = 0,
-        lora_alpha: int = 16,
-        lora_dropout: float = 0.0,
-        lora_target_modules: Optional[list[str]] = None,
-        loss_normalization: LossNormalization = "micro_batch",
-        legacy_accumulation_scaling: bool = False,
-        bleu_max_samples: int = 64,
-        generation_preset: str = "greedy",
-        max_new_tokens: int = 64,
         compile: bool = False,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
-        size = dict(
-            d_model=d_model, d_ff=d_ff, num_layers=num_layers,
-            num_decoder_layers=num_decoder_layers, num_heads=num_heads, d_kv=d_kv,
-            dropout=dropout, max_position_embeddings=max_position_embeddings,
-        )
-        if pretrained:
-            self.model = load_model(
-                pretrained, arch=arch, expected_vocab_size=vocab_size,
-                trust_remote_code=trust_remote_code, pad_token_id=pad_token_id,
-                eos_token_id=eos_token_id, **size,
-            )
-        else:
-            self.model = build_model(
-                arch, vocab_size=vocab_size, pad_token_id=pad_token_id,
-                eos_token_id=eos_token_id, **size,
-            )
+        self.shape = as_group(ModelShape, shape)
+        self.optim = as_group(Optimization, optim)
+        self.lora = as_group(LoRA, lora)
+        self.evaluation = as_group(Evaluation, evaluation)
+        # Plain values only in checkpoints (they load with weights_only=True).
+        self.save_hyperparameters({
+            "arch": arch, "pretrained": pretrained, "trust_remote_code": trust_remote_code,
+            "vocab_size": vocab_size, "pad_token_id": pad_token_id, "eos_token_id": eos_token_id,
+            "shape": group_dict(self.shape), "optim": group_dict(self.optim), "lora": group_dict(self.lora),
+            "evaluation": group_dict(self.evaluation), "gradient_checkpointing": gradient_checkpointing,
+            "freeze": list(freeze) if freeze else None, "compile": compile,
+        })
+        self.model = make_model(arch, vocab_size, pad_token_id, eos_token_id, self.shape, pretrained=pretrained,
+                                lora=self.lora, freeze=freeze, gradient_checkpointing=gradient_checkpointing,
+                                trust_remote_code=trust_remote_code)
         self.seq2seq = is_seq2seq(self.model)
-        if freeze:
-            freeze_modules(self.model, list(freeze))
-        if lora_r > 0:
-            self.model = apply_lora(self.model, r=lora_r, alpha=lora_alpha,
-                                    dropout=lora_dropout, target_modules=lora_target_modules)
-        if gradient_checkpointing:
-            self.model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False})
-            if lora_r > 0 or freeze:
-                self.model.enable_input_require_grads()
-            self.model.config.use_cache = False
         if compile:
             compile_blocks(self.model)
         trainable, total = count_parameters(self.model)
@@ -221,13 +158,13 @@ class ChatLM(L.LightningModule):
 
     def _loss_for_backward(self, loss: torch.Tensor, ntok: torch.Tensor) -> torch.Tensor:
         """The loss whose gradient Lightning accumulates (it divides it by accumulation)."""
-        if self.hparams.loss_normalization == "window_tokens":
+        if self.optim.loss_normalization == "window_tokens":
             if self._window_is_one_micro_batch():
                 return loss  # the token mean of the only micro-batch: already the window's mean
             # Sum over tokens now; on_before_optimizer_step divides by the window's tokens.
             self._window_tokens += float(ntok)
             return loss * ntok
-        if self.hparams.legacy_accumulation_scaling:
+        if self.optim.legacy_accumulation_scaling:
             return loss / self.trainer.accumulate_grad_batches
         return loss
 
@@ -251,7 +188,7 @@ class ChatLM(L.LightningModule):
 
     def _score_bleu(self, batch) -> None:
         tok = self._tokenizer()
-        room = self.hparams.bleu_max_samples - int(self._bleu[1])
+        room = self.evaluation.bleu_max_samples - int(self._bleu[1])
         if tok is None or room <= 0:
             return
         split = split_prompts_for_generation(batch, self.hparams.pad_token_id, self.seq2seq)
@@ -260,8 +197,8 @@ class ChatLM(L.LightningModule):
         input_ids, attention, labels = split
         input_ids, attention, labels = input_ids[:room], attention[:room], labels[:room]
         outputs = gen.generate_answers(self.model, tok, input_ids, attention,
-                                       preset=self.hparams.generation_preset,
-                                       max_new_tokens=self.hparams.max_new_tokens)
+                                       preset=self.evaluation.generation_preset,
+                                       max_new_tokens=self.evaluation.max_new_tokens)
         refs = tok.batch_decode(labels.masked_fill(labels == -100, tok.pad_token_id),
                                 skip_special_tokens=True)
         for ref, out in zip(refs, outputs):
@@ -273,7 +210,7 @@ class ChatLM(L.LightningModule):
     on_test_epoch_start = on_validation_epoch_start
 
     def _log_bleu(self, stage: str) -> None:
-        if self.hparams.bleu_max_samples <= 0 or self._tokenizer() is None:
+        if self.evaluation.bleu_max_samples <= 0 or self._tokenizer() is None:
             return
         totals = self.trainer.strategy.reduce(self._bleu.to(self.device), reduce_op="sum")
         score = totals[0] / totals[1].clamp(min=1)
@@ -292,7 +229,7 @@ class ChatLM(L.LightningModule):
         return trainer is not None and trainer.accumulate_grad_batches == 1 and trainer.world_size == 1
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        if self.hparams.loss_normalization != "window_tokens" or self._window_is_one_micro_batch():
+        if self.optim.loss_normalization != "window_tokens" or self._window_is_one_micro_batch():
             return
         # Gradients hold sum(CE) / accumulation (averaged over devices); rescale them to
         # mean(CE over every label token of the window on every device).
@@ -320,7 +257,7 @@ class ChatLM(L.LightningModule):
                             gradient_clip_algorithm=gradient_clip_algorithm)
 
     def configure_optimizers(self):
-        hp = self.hparams
+        hp = self.optim
         params = [p for p in self.parameters() if p.requires_grad]
         optimizer = build_optimizer(hp.optimizer, params, lr=hp.lr,
                                     weight_decay=hp.weight_decay, betas=tuple(hp.betas))

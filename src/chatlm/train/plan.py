@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
 import json
 import math
 import os
@@ -44,6 +43,8 @@ import re
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Optional
+
+from chatlm.model.config import LoRA, ModelShape, Optimization, as_group, nest_model_args
 
 MiB = 2 ** 20
 
@@ -63,41 +64,16 @@ CPU_CHECKPOINT_GRAD_EXTRA = 1.75
 
 
 # --------------------------------------------------------------------------- config
-def _defaults(cls) -> dict[str, Any]:
-    return {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()
-            if p.default is not inspect.Parameter.empty}
-
-
 def load_config(paths: list[str], overrides: Optional[list[str]] = None) -> dict[str, Any]:
-    """Merge YAML configs (later wins) and ``--section.key value`` overrides into one dict."""
-    import yaml
+    """The ``fit`` config of ``--config PATH ... [--section.key value ...]``, read by the CLI's own
+    parser (:func:`chatlm.train.cli.parse_fit_config`): every default filled in, flat model
+    names of earlier releases moved into their groups, a wrong key or value is one line."""
+    from chatlm.train.cli import parse_fit_config
 
-    cfg: dict[str, Any] = {}
+    args: list[str] = []
     for path in paths:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a mapping")
-        for section, values in data.items():
-            if isinstance(values, dict):
-                cfg.setdefault(section, {}).update(values)
-            else:
-                cfg[section] = values
-    rest = list(overrides or [])
-    i = 0
-    while i < len(rest):
-        key = rest[i]
-        if not key.startswith("--") or "." not in key:
-            raise ValueError(f"unexpected argument {key!r}; overrides look like --model.d_model 512")
-        key, eq, value = key[2:].partition("=")
-        if not eq:
-            if i + 1 >= len(rest):
-                raise ValueError(f"--{key} needs a value")
-            value, i = rest[i + 1], i + 1
-        section, name = key.split(".", 1)
-        cfg.setdefault(section, {})[name] = yaml.safe_load(value)
-        i += 1
-    return cfg
+        args += ["--config", path]
+    return parse_fit_config(args + list(overrides or []))
 
 
 @dataclass
@@ -105,9 +81,8 @@ class Setup:
     """What the estimate needs, resolved from a config with chatlm's defaults."""
 
     arch: str
-    size: dict[str, Any]
+    shape: ModelShape
     vocab_size: int
-    dropout: float
     optimizer: str
     gradient_checkpointing: bool
     lora_r: int
@@ -128,25 +103,24 @@ class Setup:
 
 def resolve(cfg: dict[str, Any], seq_len: Optional[int] = None, label_len: Optional[int] = None,
             device: str = "cpu") -> Setup:
-    """A :class:`Setup` from a ``fit`` config (missing keys take ChatLM / ChatDataModule defaults)."""
-    from chatlm.data.datamodule import ChatDataModule
-    from chatlm.train.module import ChatLM
-
-    model = {**_defaults(ChatLM), **(cfg.get("model") or {})}
-    data = {**_defaults(ChatDataModule), **(cfg.get("data") or {})}
+    """A :class:`Setup` from a ``fit`` config (a nested dict; missing keys take the defaults of
+    the model's option groups and of ChatDataModule)."""
+    model = nest_model_args(cfg.get("model") or {})
+    data = cfg.get("data") or {}
     trainer = cfg.get("trainer") or {}
     notes: list[str] = []
-    arch = model["arch"]
-    size = {k: model[k] for k in ("d_model", "d_ff", "num_layers", "num_decoder_layers", "num_heads", "d_kv",
-                                  "max_position_embeddings")}
+    arch = model.get("arch") or "t5"
+    shape = as_group(ModelShape, model.get("shape"))
+    optim = as_group(Optimization, model.get("optim"))
+    lora = as_group(LoRA, model.get("lora"))
     vocab = _vocab_size(model, data)
     pretrained = model.get("pretrained")
     if pretrained and os.path.isdir(str(pretrained)):
-        size, arch, vocab = _size_from_hf_dir(str(pretrained), size, arch, vocab)
+        shape, arch, vocab = _size_from_hf_dir(str(pretrained), shape, arch, vocab)
     elif pretrained:
-        notes.append(f"sizes of {pretrained} taken from model.* (a state-dict file)")
-    fmt = data.get("format", "legacy")
-    max_len = int(data.get("max_seq_len", 256))
+        notes.append(f"sizes of {pretrained} taken from model.shape.* (a state-dict file)")
+    fmt = data.get("format") or "legacy"
+    max_len = int(data.get("max_seq_len") or 256)
     if seq_len is None:
         seq_len = max_len
         if fmt == "legacy":
@@ -159,10 +133,10 @@ def resolve(cfg: dict[str, Any], seq_len: Optional[int] = None, label_len: Optio
     if precision in (None, "auto"):
         precision = "bf16-mixed" if device == "cuda" else "32-true"
     precision = str(precision)
-    return Setup(arch=arch, size=size, vocab_size=vocab, dropout=float(model["dropout"]),
-                 optimizer=str(model["optimizer"]), gradient_checkpointing=bool(model["gradient_checkpointing"]),
-                 lora_r=int(model["lora_r"] or 0), lora_target_modules=model.get("lora_target_modules"),
-                 freeze=model.get("freeze"), batch_size=int(data["batch_size"]), seq_len=int(seq_len),
+    return Setup(arch=arch, shape=shape, vocab_size=vocab, optimizer=str(optim.optimizer),
+                 gradient_checkpointing=bool(model.get("gradient_checkpointing")),
+                 lora_r=int(lora.r or 0), lora_target_modules=lora.target_modules,
+                 freeze=model.get("freeze"), batch_size=int(data.get("batch_size") or 8), seq_len=int(seq_len),
                  label_len=int(label_len) if seq2seq else None,
                  accumulation=int(trainer.get("accumulate_grad_batches") or 1), precision=precision,
                  device=device, pretrained=str(pretrained) if pretrained else None, notes=notes)
@@ -179,18 +153,20 @@ def _vocab_size(model: dict[str, Any], data: dict[str, Any]) -> int:
         return int(model.get("vocab_size") or 32128)
 
 
-def _size_from_hf_dir(path: str, size: dict[str, Any], arch: str, vocab: int):
+def _size_from_hf_dir(path: str, shape: ModelShape, arch: str, vocab: int) -> tuple[ModelShape, str, int]:
     with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
         c = json.load(f)
     if c.get("model_type") == "t5" or c.get("is_encoder_decoder"):
-        size = dict(size, d_model=c["d_model"], d_ff=c["d_ff"], num_layers=c["num_layers"],
-                    num_decoder_layers=c.get("num_decoder_layers"), num_heads=c["num_heads"], d_kv=c["d_kv"])
-        return size, "t5", int(c.get("vocab_size", vocab))
-    heads = c.get("num_attention_heads", size["num_heads"])
-    size = dict(size, d_model=c["hidden_size"], d_ff=c["intermediate_size"], num_layers=c["num_hidden_layers"],
-                num_decoder_layers=None, num_heads=heads, d_kv=c["hidden_size"] // heads,
-                max_position_embeddings=c.get("max_position_embeddings", 2048))
-    return size, "llama", int(c.get("vocab_size", vocab))
+        shape = dataclasses.replace(shape, d_model=c["d_model"], d_ff=c["d_ff"], num_layers=c["num_layers"],
+                                    num_decoder_layers=c.get("num_decoder_layers"), num_heads=c["num_heads"],
+                                    d_kv=c["d_kv"])
+        return shape, "t5", int(c.get("vocab_size", vocab))
+    heads = c.get("num_attention_heads", shape.num_heads)
+    shape = dataclasses.replace(shape, d_model=c["hidden_size"], d_ff=c["intermediate_size"],
+                                num_layers=c["num_hidden_layers"], num_decoder_layers=None, num_heads=heads,
+                                d_kv=c["hidden_size"] // heads,
+                                max_position_embeddings=c.get("max_position_embeddings", 2048))
+    return shape, "llama", int(c.get("vocab_size", vocab))
 
 
 # --------------------------------------------------------------------------- model facts
@@ -202,13 +178,9 @@ def _build_meta(s: Setup, checkpointing: bool, device: str = "meta"):
     from chatlm.model.lora import apply_lora
     from chatlm.model.build import build_model, freeze_modules
 
-    size = dict(s.size)
-    if s.arch == "llama":
-        size.pop("num_decoder_layers", None)
-    else:
-        size.pop("max_position_embeddings", None)
+    shape = dataclasses.replace(s.shape, num_decoder_layers=None) if s.arch == "llama" else s.shape
     with torch.device(device):
-        model = build_model(s.arch, vocab_size=s.vocab_size, dropout=s.dropout, **size)
+        model = build_model(s.arch, s.vocab_size, shape)
         if s.freeze:
             freeze_modules(model, list(s.freeze))
         if s.lora_r:
@@ -452,7 +424,7 @@ def candidate_setups(s: Setup) -> list[tuple[str, list[str], Setup]]:
     if s.device == "cuda" and not s.precision.startswith("bf16"):
         steps.append(("bf16-mixed", ["--trainer.precision bf16-mixed"], {"precision": "bf16-mixed"}))
     if s.optimizer == "adamw":
-        steps.append(("8-bit AdamW", ["--model.optimizer adamw8bit"], {"optimizer": "adamw8bit"}))
+        steps.append(("8-bit AdamW", ["--model.optim.optimizer adamw8bit"], {"optimizer": "adamw8bit"}))
     if not s.gradient_checkpointing:
         steps.append(("gradient checkpointing", ["--model.gradient_checkpointing true"],
                       {"gradient_checkpointing": True}))
@@ -468,8 +440,8 @@ def candidate_setups(s: Setup) -> list[tuple[str, list[str], Setup]]:
             flags + [f"--data.batch_size {b}", f"--trainer.accumulate_grad_batches {acc}"],
             cur.replace(batch_size=b, accumulation=acc))
     if not s.lora_r:
-        add("LoRA r=8 (adapters only: not a full fine-tune)", ["--model.lora_r 8"], s.replace(lora_r=8))
-        add("LoRA r=8 + gradient checkpointing", ["--model.lora_r 8", "--model.gradient_checkpointing true"],
+        add("LoRA r=8 (adapters only: not a full fine-tune)", ["--model.lora.r 8"], s.replace(lora_r=8))
+        add("LoRA r=8 + gradient checkpointing", ["--model.lora.r 8", "--model.gradient_checkpointing true"],
             s.replace(lora_r=8, gradient_checkpointing=True))
     return out
 
@@ -490,12 +462,12 @@ def plan(cfg: dict[str, Any], budget_mb: float, seq_len: Optional[int] = None, l
 
 
 def parse_memory(text: str) -> float:
-    """``16GB``, ``16G``, ``16GiB``, ``800MB``, ``800M`` or a number of MiB -> MiB (GB counted as GiB)."""
+    """``16GB``, ``16G``, ``16GiB``, ``16`` (GiB), ``800MB`` or ``800M`` -> MiB (GB counted as GiB)."""
     m = re.fullmatch(r"\s*([0-9.]+)\s*([kKmMgGtT]?)(i?[bB])?\s*", text)
     if not m:
-        raise ValueError(f"--memory {text!r}: expected e.g. 16GB or 800MB")
-    value, unit = float(m.group(1)), m.group(2).upper()
-    return value * {"": 1.0, "K": 1 / 1024, "M": 1.0, "G": 1024.0, "T": 1024.0 ** 2}[unit]
+        raise ValueError(f"--memory {text!r}: expected e.g. 16GB, 16 (GiB) or 800MB")
+    value, unit = float(m.group(1)), m.group(2).upper() or "G"
+    return value * {"K": 1 / 1024, "M": 1.0, "G": 1024.0, "T": 1024.0 ** 2}[unit]
 
 
 def render(result: dict[str, Any]) -> str:
@@ -540,7 +512,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     p = argparse.ArgumentParser(prog="python -m src plan", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", action="append", required=True, help="fit config YAML (repeatable)")
-    p.add_argument("--memory", required=True, help="budget, e.g. 16GB (GiB) or 800MB")
+    p.add_argument("--memory", required=True, help="budget, e.g. 16GB or 16 (GiB), or 800MB")
     p.add_argument("--seq_len", type=int, default=None, help="tokens per (encoder) sequence")
     p.add_argument("--label_len", type=int, default=None, help="T5 decoder tokens (default: --seq_len)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
