@@ -119,7 +119,7 @@ CASES = {
     "unknown config key (flag)": (lambda w: ["--model.d_modle", "32"], lambda w: ["model.d_modle"]),
     "unknown config key (yaml)": (lambda w: ["--config", w["yaml_unknown"]], lambda w: ["d_modle"]),
     "wrong value type": (lambda w: ["--data.batch_size", "many"], lambda w: ["data.batch_size", "many"]),
-    "wrong value type (choice)": (lambda w: ["--model.optimizer", "sgdd"], lambda w: ["model.optimizer", "sgdd"]),
+    "wrong value type (choice)": (lambda w: ["--model.optimizer", "sgdd"], lambda w: ["optimizer", "sgdd"]),
     "missing tokenizer directory": (lambda w: ["--data.tokenizer", w["empty"] + ".dir"],
                                     lambda w: [w["empty"] + ".dir", "tokenizer"]),
     "tokenizer without pad token": (lambda w: ["--data.tokenizer", w["tok_no_pad_token"]],
